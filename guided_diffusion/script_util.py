@@ -1,0 +1,757 @@
+"""Model and diffusion factories, their command-line flags, and flag resolution.
+
+The five ``*_defaults()`` dicts are the original's command-line flags, with the
+original's keys, values and order (scripts build their parsers from them and
+saved configs use the same names). Flags that the original did not have live in
+separate ``*_extra_defaults()`` dicts, so that the original dicts stay exact.
+
+Default ``channel_mult`` by image size (used when ``--channel_mult`` is empty):
+
+============  =========================  ===========================
+image size    UNet / classifier          super-resolution UNet
+============  =========================  ===========================
+512           0.5,1,1,2,2,4,4            1,1,2,2,4,4
+256           1,1,2,2,4,4                1,1,2,2,4,4
+128           1,1,2,3,4                  (as UNet)
+64            1,2,3,4                    1,2,3,4
+32            1,2,2,2 (improved-diff.)   (as UNet)
+============  =========================  ===========================
+
+Any other size follows one rule: a size of at least 32 takes the entry of the
+largest listed size below it; a smaller size gets ``1,2,2,...`` with one level
+per halving down to 4 pixels. The size must divide evenly by ``2**(levels-1)``
+(every downsampling must halve exactly); otherwise a ``ValueError`` names a
+``--channel_mult`` that fits.
+"""
+
+import argparse
+import json
+import sys
+
+NUM_CLASSES = 1000
+
+# ---------------------------------------------------------------- defaults dicts
+
+
+def diffusion_defaults():
+    """Flags of the Gaussian diffusion process (shared by every script)."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults():
+    """Flags of the noisy-image classifier used for guidance."""
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",  # image resolutions, not downsampling rates
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def model_and_diffusion_defaults():
+    """Flags of the diffusion UNet followed by the diffusion flags."""
+    flags = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+    flags.update(diffusion_defaults())
+    return flags
+
+
+def classifier_and_diffusion_defaults():
+    """Classifier flags followed by the diffusion flags (classifier training)."""
+    flags = classifier_defaults()
+    flags.update(diffusion_defaults())
+    return flags
+
+
+# The UNet flags that the super-resolution factory does not take: its size comes
+# from large_size, its channel_mult from its own table, and it has no attention
+# order flag.
+_NOT_SUPER_RES = ("image_size", "channel_mult", "use_new_attention_order")
+
+
+def sr_model_and_diffusion_defaults():
+    """Flags of the super-resolution UNet and its diffusion."""
+    flags = {k: v for k, v in model_and_diffusion_defaults().items() if k not in _NOT_SUPER_RES}
+    flags["large_size"] = 256
+    flags["small_size"] = 64
+    return flags
+
+
+def model_extra_defaults():
+    """Flags beyond the original for the diffusion UNet (and the super-res UNet).
+
+    Their defaults reproduce the original's behaviour: RGB images, output
+    channels derived from ``learn_sigma``, ImageNet's 1000 classes.
+    """
+    return dict(
+        in_channels=3,
+        out_channels=-1,  # -1: in_channels, doubled when learn_sigma
+        num_classes=NUM_CLASSES,
+    )
+
+
+def classifier_extra_defaults():
+    """Flags beyond the original for the classifier.
+
+    ``in_channels`` and ``num_classes`` share their names with
+    ``model_extra_defaults`` on purpose: classifier and diffusion model see the
+    same images and the same labels. Merge the dicts before adding them to a
+    parser that has both.
+    """
+    return dict(
+        in_channels=3,
+        num_classes=NUM_CLASSES,
+        classifier_channel_mult="",
+    )
+
+
+def sr_extra_defaults():
+    """Flags beyond the original for the super-resolution UNet."""
+    flags = model_extra_defaults()
+    flags["channel_mult"] = ""
+    return flags
+
+
+FLAG_HELP = {
+    "image_size": "side length in pixels of the (square) images",
+    "num_channels": "base channel width of the UNet",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads (ignored when num_head_channels is set)",
+    "num_heads_upsample": "attention heads in the decoder; -1 means num_heads",
+    "num_head_channels": "channels per attention head; -1 means use num_heads",
+    "attention_resolutions": "comma-separated image resolutions that get attention, e.g. 32,16,8",
+    "channel_mult": "comma-separated width multipliers per level, e.g. 1,2,3,4 or 0.5,1,1,2; empty: by image_size",
+    "dropout": "dropout probability in the residual blocks",
+    "class_cond": "condition the model on class labels",
+    "use_checkpoint": "gradient checkpointing (less memory, more compute)",
+    "use_scale_shift_norm": "timestep embedding scales and shifts the normalised activations (FiLM)",
+    "resblock_updown": "down/upsample with residual blocks instead of plain convolutions",
+    "use_fp16": "run the model body in float16",
+    "use_new_attention_order": "split heads before q/k/v (QKVAttention) instead of after (legacy order)",
+    "learn_sigma": "the model also predicts the variance (output channels doubled)",
+    "diffusion_steps": "number of steps T of the diffusion process",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "sample on fewer steps: e.g. 250, 10,15,20 or ddim50; empty: all steps",
+    "use_kl": "train with the variational bound (KL) loss",
+    "predict_xstart": "the model predicts x_0 instead of the noise",
+    "rescale_timesteps": "feed the model timesteps scaled to 0..1000 (improved-diffusion)",
+    "rescale_learned_sigmas": "weight the MSE + VB hybrid loss as improved-diffusion does",
+    "classifier_use_fp16": "run the classifier body in float16",
+    "classifier_width": "base channel width of the classifier",
+    "classifier_depth": "residual blocks per resolution level of the classifier",
+    "classifier_attention_resolutions": "comma-separated image resolutions with attention in the classifier",
+    "classifier_use_scale_shift_norm": "scale-shift norm in the classifier's residual blocks",
+    "classifier_resblock_updown": "downsample with residual blocks in the classifier",
+    "classifier_pool": "classifier head: adaptive, attention, spatial or spatial_v2",
+    "classifier_channel_mult": "comma-separated width multipliers of the classifier; empty: by image_size",
+    "large_size": "output side length of the super-resolution model",
+    "small_size": "input (low-resolution) side length of the super-resolution model",
+    "in_channels": "image channels (3 for RGB, 1 for grayscale)",
+    "out_channels": "model output channels; -1: in_channels, doubled when learn_sigma",
+    "num_classes": "number of class labels when class_cond is set",
+    "preset": "flag set of a released checkpoint (see guided_diffusion.presets)",
+}
+
+# ---------------------------------------------------------------- flag parsing
+
+
+def parse_channel_mult(text, image_size, table=None, flag="--channel_mult"):
+    """Level width multipliers from a flag value, or the default for ``image_size``.
+
+    ``text`` is a comma-separated list ("1,2,3,4", "0.5,1,1,2"); whole numbers
+    become ints so the UNet computes the same widths as the original. An empty
+    value picks the default described in the module docstring.
+    """
+    if text not in ("", None):
+        if not isinstance(text, str):
+            return tuple(text)
+        mults = []
+        for token in text.split(","):
+            try:
+                value = float(token)
+            except ValueError:
+                raise ValueError(
+                    f"{flag} must be comma-separated numbers like 1,2,3,4; got {text!r}"
+                ) from None
+            if value <= 0:
+                raise ValueError(f"{flag} multipliers must be positive; got {text!r}")
+            mults.append(int(value) if value.is_integer() else value)
+        return tuple(mults)
+    return default_channel_mult(image_size, table, flag=flag)
+
+
+_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+
+_SR_CHANNEL_MULT = {**_CHANNEL_MULT, 512: (1, 1, 2, 2, 4, 4)}
+
+
+def _halvings(size):
+    """How many times ``size`` halves exactly."""
+    count = 0
+    while size % 2 == 0 and size > 1:
+        size //= 2
+        count += 1
+    return count
+
+
+def default_channel_mult(image_size, table=None, flag="--channel_mult"):
+    """The default ``channel_mult`` for ``image_size`` (rule in the module docstring)."""
+    table = _CHANNEL_MULT if table is None else table
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image size must be a positive integer; got {image_size!r}")
+    if image_size in table:
+        return table[image_size]
+    listed_below = [size for size in table if size <= image_size]
+    if listed_below and image_size >= 32:
+        mult = table[max(listed_below)]
+    else:
+        levels = 1
+        size = image_size
+        while size % 2 == 0 and size // 2 >= 4:
+            size //= 2
+            levels += 1
+        mult = (1,) + (2,) * (levels - 1)
+    if _halvings(image_size) < len(mult) - 1:
+        fits = (1,) + (2,) * min(_halvings(image_size), 3)
+        raise ValueError(
+            f"image size {image_size} has no default channel_mult: the default "
+            f"{','.join(map(str, mult))} needs a size divisible by {2 ** (len(mult) - 1)}. "
+            f"Pass {flag} explicitly, e.g. {flag} {','.join(map(str, fits))}"
+        )
+    return mult
+
+
+def attention_downsample_rates(attention_resolutions, image_size, flag="--attention_resolutions"):
+    """Turn image resolutions with attention ("32,16,8") into the UNet's downsampling rates."""
+    if isinstance(attention_resolutions, (tuple, list)):
+        tokens = [str(r) for r in attention_resolutions]
+    else:
+        tokens = [t for t in str(attention_resolutions).split(",") if t.strip()]
+    rates = []
+    for token in tokens:
+        try:
+            resolution = int(token)
+        except ValueError:
+            raise ValueError(
+                f"{flag} must be comma-separated integers like 32,16,8; got {attention_resolutions!r}"
+            ) from None
+        if resolution < 1:
+            raise ValueError(f"{flag} resolutions must be positive; got {attention_resolutions!r}")
+        rates.append(image_size // resolution)
+    return tuple(rates)
+
+
+def _output_channels(in_channels, out_channels, learn_sigma):
+    if out_channels is None or out_channels < 0:
+        return in_channels * (2 if learn_sigma else 1)
+    return out_channels
+
+
+# ---------------------------------------------------------------- factories
+# The network and diffusion modules are imported inside the factories so that
+# building a parser or reading presets needs neither.
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    *,
+    in_channels=3,
+    out_channels=-1,
+    num_classes=NUM_CLASSES,
+):
+    """Build the diffusion UNet and its (possibly respaced) diffusion from flags."""
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    *,
+    in_channels=3,
+    out_channels=-1,
+    num_classes=NUM_CLASSES,
+):
+    """Build the diffusion ``UNetModel`` from flags.
+
+    ``in_channels``, ``out_channels`` (-1: derived from ``learn_sigma``) and
+    ``num_classes`` (used only with ``class_cond``) go beyond the original; their
+    defaults build the original's model.
+    """
+    from .unet import UNetModel
+
+    mult = parse_channel_mult(channel_mult, image_size)
+    return UNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=_output_channels(in_channels, out_channels, learn_sigma),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    *,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+    classifier_channel_mult="",
+):
+    """Build the noisy-image classifier and the diffusion that noises its inputs."""
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        classifier_channel_mult=classifier_channel_mult,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    *,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+    classifier_channel_mult="",
+):
+    """Build the noisy-image classifier (``EncoderUNetModel``, 64-channel heads) from flags."""
+    from .unet import EncoderUNetModel
+
+    mult = parse_channel_mult(classifier_channel_mult, image_size, flag="--classifier_channel_mult")
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_downsample_rates(
+            classifier_attention_resolutions, image_size, flag="--classifier_attention_resolutions"
+        ),
+        channel_mult=mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    *,
+    in_channels=3,
+    out_channels=-1,
+    num_classes=NUM_CLASSES,
+    channel_mult="",
+):
+    """Build the super-resolution UNet and its diffusion from flags."""
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_classes=num_classes,
+        channel_mult=channel_mult,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    *,
+    in_channels=3,
+    out_channels=-1,
+    num_classes=NUM_CLASSES,
+    channel_mult="",
+):
+    """Build the ``SuperResModel`` (output ``large_size``) from flags.
+
+    ``small_size`` is accepted for flag compatibility: the model upsamples any
+    low-resolution input to ``large_size``.
+    """
+    from .unet import SuperResModel
+
+    del small_size  # the architecture does not depend on it
+    mult = parse_channel_mult(channel_mult, large_size, table=_SR_CHANNEL_MULT)
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=_output_channels(in_channels, out_channels, learn_sigma),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """Build the diffusion (a ``SpacedDiffusion``, over all steps unless respaced) from flags.
+
+    Loss: KL bound when ``use_kl``, else MSE, rescaled (improved-diffusion's
+    hybrid weighting) when ``rescale_learned_sigmas``. Variance: learned
+    interpolation when ``learn_sigma``, else fixed (small or large).
+    """
+    from . import gaussian_diffusion as gd
+    from .respace import SpacedDiffusion, space_timesteps
+
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    elif sigma_small:
+        var_type = gd.ModelVarType.FIXED_SMALL
+    else:
+        var_type = gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=(gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON),
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+# ---------------------------------------------------------------- argparse helpers
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """Add one ``--key`` flag per entry, typed after its default (bools via ``str2bool``)."""
+    for key, value in default_dict.items():
+        if value is None:
+            value_type = str
+        elif isinstance(value, bool):
+            value_type = str2bool
+        else:
+            value_type = type(value)
+        parser.add_argument(f"--{key}", default=value, type=value_type, help=FLAG_HELP.get(key))
+
+
+def args_to_dict(args, keys):
+    """The values of ``keys`` from an argparse namespace, in the order of ``keys``."""
+    return {key: getattr(args, key) for key in keys}
+
+
+_TRUE = ("yes", "true", "t", "y", "1")
+_FALSE = ("no", "false", "f", "n", "0")
+
+
+def str2bool(v):
+    """Parse a command-line boolean (yes/no, true/false, t/f, y/n, 1/0; any case)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")
+
+
+# ---------------------------------------------------------------- presets and saved configs
+
+
+def _parser_flags(parser):
+    """``{dest: action}`` for the parser's optional flags."""
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def _known(flags, parser_flags, exclude=()):
+    return {k: v for k, v in flags.items() if k in parser_flags and k not in exclude}
+
+
+def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",), *, purpose=None):
+    """Parse ``argv`` with defaults taken from saved configs and ``--preset``.
+
+    Precedence, lowest first: the script's defaults < the config saved beside
+    each checkpoint named by ``checkpoint_flags`` (``checkpoints.find_config``;
+    earlier names in ``checkpoint_flags`` win where configs disagree) < the
+    preset(s) given by ``--preset NAME[,NAME...]`` (later names win) < flags
+    given explicitly on the command line. Only flags the parser knows are taken.
+
+    A preset always contributes its model and diffusion flags; ``purpose="sample"``
+    or ``purpose="train"`` adds the sampling or training flags of the original
+    README command line.
+    """
+    from . import checkpoints, presets
+
+    parser_flags = _parser_flags(parser)
+    if "preset" not in parser_flags:
+        parser.add_argument(
+            "--preset",
+            default="",
+            help="flags of a released checkpoint, comma-separated to combine; one of: "
+            + ", ".join(presets.PRESETS),
+        )
+        parser_flags = _parser_flags(parser)
+    first = parser.parse_args(argv)
+
+    resolved = {}
+    for flag in reversed(checkpoint_flags):
+        path = getattr(first, flag, "")
+        if path:
+            config = checkpoints.find_config(path)
+            if config:
+                resolved.update(_known(config, parser_flags, exclude=tuple(checkpoint_flags) + ("preset",)))
+    for name in [n.strip() for n in (first.preset or "").split(",") if n.strip()]:
+        if name not in presets.PRESETS:
+            parser.error(
+                f"unknown --preset {name!r}; known presets: {', '.join(presets.PRESETS)}"
+            )
+        resolved.update(_known(presets.preset_flags(name, purpose), parser_flags))
+    if not resolved:
+        return first
+    parser.set_defaults(**resolved)
+    return parser.parse_args(argv)
+
+
+def format_flags(args, keys=None):
+    """The effective flags as ``--key value`` lines, ready to log or to paste back."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    keys = list(values) if keys is None else list(keys)
+    return "\n".join(f"--{key} {values[key]}" for key in keys)
+
+
+def print_flags(args, keys=None, file=None):
+    """Print ``format_flags(args, keys)`` (to stdout unless ``file`` is given)."""
+    print(format_flags(args, keys), file=file or sys.stdout)
+
+
+def flags_json(args, keys=None):
+    """The effective flags as JSON (the format ``checkpoints.save_config`` writes)."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    keys = list(values) if keys is None else list(keys)
+    return json.dumps({key: values[key] for key in keys}, indent=2)
