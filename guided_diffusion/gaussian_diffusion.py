@@ -1,0 +1,708 @@
+"""Gaussian diffusion: schedules, the forward process, the learned reverse process,
+training objectives, likelihood evaluation and the DDPM / DDIM samplers.
+
+References
+----------
+- Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models" (DDPM).
+- Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic Models"
+  (cosine schedule, learned variances, hybrid loss).
+- Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models" (DDIM).
+- Dhariwal & Nichol (2021), "Diffusion Models Beat GANs on Image Synthesis"
+  (classifier guidance).
+
+Conventions
+-----------
+All schedule maths is float64 numpy (the public table attributes). Per-timestep
+coefficients are gathered from float64 torch copies kept once per device, then cast
+to the working dtype (float32 unless the data is float64). Random numbers are drawn
+from torch's global generator in the same order as OpenAI's implementation, so a
+fixed seed reproduces its samples.
+"""
+
+import enum
+import math
+from functools import partial
+
+import numpy as np
+import torch as th
+
+from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
+
+_LOG2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+    """Betas (float64 numpy, length ``num_diffusion_timesteps``) of a named schedule.
+
+    - ``"linear"``: Ho et al. (2020), 1e-4 to 0.02 for 1000 steps; the range is scaled
+      by 1000/T so that other step counts span the same total noise (T < 20 therefore
+      gives betas above 1, which ``GaussianDiffusion`` rejects).
+    - ``"cosine"``: Nichol & Dhariwal (2021), eq. 17, offset s = 0.008, betas capped at 0.999.
+    """
+    if schedule_name == "linear":
+        scale = 1000 / num_diffusion_timesteps
+        return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
+    if schedule_name == "cosine":
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps,
+            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
+        )
+    raise NotImplementedError(
+        f"unknown beta schedule {schedule_name!r}; choose 'linear' or 'cosine' "
+        "(flag --noise_schedule)."
+    )
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
+    """Discretise a continuous cumulative-alpha function into betas.
+
+    ``alpha_bar(t)`` gives prod(1 - beta) up to time t in [0, 1]; step i gets
+    beta_i = 1 - alpha_bar((i+1)/T) / alpha_bar(i/T), capped at ``max_beta`` to avoid
+    the singularity at t = 1.
+    """
+    betas = []
+    for i in range(num_diffusion_timesteps):
+        start, end = i / num_diffusion_timesteps, (i + 1) / num_diffusion_timesteps
+        betas.append(min(1 - alpha_bar(end) / alpha_bar(start), max_beta))
+    return np.array(betas)
+
+
+# ----------------------------------------------------------------------------- enums
+
+
+class ModelMeanType(enum.Enum):
+    """What the network's (first C) output channels predict."""
+
+    PREVIOUS_X = enum.auto()  # x_{t-1}, the posterior mean itself
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # the noise that produced x_t
+
+
+class ModelVarType(enum.Enum):
+    """How the reverse-process variance is obtained.
+
+    The LEARNED types need a network with 2*C output channels; LEARNED_RANGE
+    interpolates (in log space) between the posterior variance and beta_t.
+    """
+
+    LEARNED = enum.auto()
+    FIXED_SMALL = enum.auto()  # posterior variance beta~_t
+    FIXED_LARGE = enum.auto()  # beta_t (with beta~_1 at t = 0)
+    LEARNED_RANGE = enum.auto()
+
+
+class LossType(enum.Enum):
+    """Training objective."""
+
+    MSE = enum.auto()  # simple MSE (plus the VB term when the variance is learned)
+    RESCALED_MSE = enum.auto()  # as MSE, VB term scaled by T/1000 (Nichol & Dhariwal)
+    KL = enum.auto()  # the variational bound
+    RESCALED_KL = enum.auto()  # the variational bound times T
+
+    def is_vb(self):
+        return self == LossType.KL or self == LossType.RESCALED_KL
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def _extract_into_tensor(arr, timesteps, broadcast_shape):
+    """Gather ``arr[timesteps]`` as float32 and expand it to ``broadcast_shape``.
+
+    Kept with the original's semantics for downstream code: ``arr`` is a 1-D numpy
+    array, ``timesteps`` an integer tensor of shape [B], ``broadcast_shape`` starts
+    with B. ``GaussianDiffusion`` itself gathers from cached device copies instead.
+    """
+    values = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    return _broadcast(values, broadcast_shape)
+
+
+def _broadcast(values, shape):
+    """Reshape per-example values [B] to [B, 1, ...] and expand them to ``shape``."""
+    return values.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
+def _compute_dtype(x):
+    """The dtype coefficients are cast to: float32, or float64 for float64 data."""
+    return th.promote_types(x.dtype, th.float32)
+
+
+def _batch_timesteps(step, batch_size, device):
+    """Timestep tensor [B] filled with ``step`` (built on the device, no copy from host)."""
+    return th.full((batch_size,), step, device=device, dtype=th.long)
+
+
+def _nonzero_mask(t, x):
+    """1 where t != 0 and 0 at the final step, shaped to broadcast against x."""
+    return (t != 0).to(_compute_dtype(x)).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _repeat_batch(value, times, batch_size):
+    """Repeat a model kwarg along the batch dimension (non-batch values pass through)."""
+    if isinstance(value, th.Tensor) and value.ndim >= 1 and value.shape[0] == batch_size:
+        return th.cat([value] * times, dim=0)
+    return value
+
+
+def _progress(iterable, enabled, total=None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+class GaussianDiffusion:
+    """A discrete-time Gaussian diffusion and the reverse process parameterised by a model.
+
+    :param betas: 1-D sequence of per-step noise variances in (0, 1].
+    :param model_mean_type: a ``ModelMeanType``, what the model's output predicts.
+    :param model_var_type: a ``ModelVarType``, how the reverse variance is obtained.
+    :param loss_type: a ``LossType``, the training objective.
+    :param rescale_timesteps: pass timesteps to the model as floats scaled to 0..1000
+        (improved-diffusion's convention), instead of integer step indices.
+
+    Models are called as ``model(x, t, **model_kwargs)`` and return [B, C, ...] or,
+    for learned variances, [B, 2*C, ...] tensors. Timestep arguments are int64 tensors
+    of shape [B] with values in 0..num_timesteps-1.
+    """
+
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
+
+        betas = np.array(betas, dtype=np.float64)
+        _check_betas(betas)
+        self.betas = betas
+        self.num_timesteps = int(betas.shape[0])
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas, axis=0)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+
+        # q(x_t | x_0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+
+        # q(x_{t-1} | x_t, x_0), Ho et al. eq. 6-7
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The variance is 0 at t = 0, so its log is clipped by repeating the t = 1 value.
+        # A one-step chain has no t = 1; beta_0 (the forward variance) stands in for it.
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+        # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder.
+        large_variance = np.append(first, betas[1:])
+        self._gatherable = {
+            "betas": self.betas,
+            "log_betas": np.log(self.betas),
+            "alphas_cumprod": self.alphas_cumprod,
+            "alphas_cumprod_prev": self.alphas_cumprod_prev,
+            "alphas_cumprod_next": self.alphas_cumprod_next,
+            "one_minus_alphas_cumprod": 1.0 - self.alphas_cumprod,
+            "sqrt_alphas_cumprod": self.sqrt_alphas_cumprod,
+            "sqrt_one_minus_alphas_cumprod": self.sqrt_one_minus_alphas_cumprod,
+            "log_one_minus_alphas_cumprod": self.log_one_minus_alphas_cumprod,
+            "sqrt_recip_alphas_cumprod": self.sqrt_recip_alphas_cumprod,
+            "sqrt_recipm1_alphas_cumprod": self.sqrt_recipm1_alphas_cumprod,
+            "posterior_variance": self.posterior_variance,
+            "posterior_log_variance_clipped": self.posterior_log_variance_clipped,
+            "posterior_mean_coef1": self.posterior_mean_coef1,
+            "posterior_mean_coef2": self.posterior_mean_coef2,
+            "xprev_coef_xprev": 1.0 / self.posterior_mean_coef1,
+            "xprev_coef_xt": self.posterior_mean_coef2 / self.posterior_mean_coef1,
+            "fixed_large_variance": large_variance,
+            "fixed_large_log_variance": np.log(large_variance),
+        }
+        self._device_tables = {}
+
+    # ------------------------------------------------------------------ coefficients
+
+    def _tables_on(self, device):
+        """Torch copies of the gatherable tables on ``device``, built once per device."""
+        tables = self._device_tables.get(device)
+        if tables is None:
+            # MPS has no float64; there the tables hold the float32 values the
+            # original's cast would produce anyway.
+            dtype = th.float32 if device.type == "mps" else th.float64
+            tables = {
+                name: th.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)
+                for name, arr in self._gatherable.items()
+            }
+            self._device_tables[device] = tables
+        return tables
+
+    def _gather64(self, name, t):
+        """Float64 values [B] of table ``name`` at timesteps ``t`` (on t's device)."""
+        self._check_timesteps(t)
+        return self._tables_on(t.device)[name][t]
+
+    def _coef(self, name, t, x):
+        """Table ``name`` at ``t``, cast to x's compute dtype and expanded to x's shape.
+
+        Equals the original's ``_extract_into_tensor`` for float32 (and float16) data.
+        """
+        return _broadcast(self._gather64(name, t).to(_compute_dtype(x)), x.shape)
+
+    def _check_timesteps(self, t):
+        if not isinstance(t, th.Tensor) or t.dtype.is_floating_point or t.dtype == th.bool:
+            raise TypeError(
+                "timesteps must be an integer tensor of step indices, e.g. "
+                f"torch.tensor([...], dtype=torch.long); got {t!r:.80}."
+            )
+        # Checked where it costs no device synchronisation.
+        if t.device.type == "cpu" and t.numel() > 0:
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= self.num_timesteps:
+                raise IndexError(
+                    f"timestep out of range: got values in [{low}, {high}], but this diffusion "
+                    f"has {self.num_timesteps} steps (valid: 0..{self.num_timesteps - 1}). "
+                    "With timestep_respacing, pass indices into the respaced chain."
+                )
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_mean_variance(self, x_start, t):
+        """Mean, variance and log-variance of q(x_t | x_0) (Ho et al. eq. 4), each shaped like x_start."""
+        mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._coef("one_minus_alphas_cumprod", t, x_start)
+        log_variance = self._coef("log_one_minus_alphas_cumprod", t, x_start)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4)."""
+        if noise is None:
+            noise = th.randn_like(x_start)
+        _check_same_shape(noise, x_start, "noise", "x_start")
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eq. 6-7)."""
+        _check_same_shape(x_start, x_t, "x_start", "x_t")
+        mean = (
+            self._coef("posterior_mean_coef1", t, x_t) * x_start
+            + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        )
+        variance = self._coef("posterior_variance", t, x_t)
+        log_variance = self._coef("posterior_log_variance_clipped", t, x_t)
+        return mean, variance, log_variance
+
+    # ------------------------------------------------------------------ parameterisations
+
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (inverse of Ho et al. eq. 4)."""
+        _check_same_shape(eps, x_t, "eps", "x_t")
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1) (inverse of the above)."""
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+        ) / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
+
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        """x_0 from the posterior mean x_{t-1}, by inverting Ho et al. eq. 7."""
+        _check_same_shape(xprev, x_t, "xprev", "x_t")
+        return (
+            self._coef("xprev_coef_xprev", t, x_t) * xprev
+            - self._coef("xprev_coef_xt", t, x_t) * x_t
+        )
+
+    def _scale_timesteps(self, t):
+        """The timesteps the model sees: floats in 0..1000 when rescale_timesteps, else t."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
+
+    def _split_model_output(self, model_output, x):
+        """Split the model output into (prediction, variance values or None), checking channels."""
+        learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        channels = x.shape[1]
+        expected = (x.shape[0], 2 * channels if learned else channels, *x.shape[2:])
+        if tuple(model_output.shape) != expected:
+            hint = (
+                f"{self.model_var_type.name} needs 2*C = {2 * channels} output channels "
+                "(mean and variance); build the model with learn_sigma=True"
+                if learned
+                else f"{self.model_var_type.name} needs C = {channels} output channels; a model "
+                "with 2*C channels learns its variance, so create the diffusion with learn_sigma=True"
+            )
+            raise ValueError(
+                f"model output shape {tuple(model_output.shape)} does not fit input shape "
+                f"{tuple(x.shape)}: expected {expected}. {hint}."
+            )
+        if learned:
+            return th.split(model_output, channels, dim=1)
+        return model_output, None
+
+    def _model_variance(self, var_values, t, x):
+        """Reverse-process (variance, log-variance), shaped like x."""
+        kind = self.model_var_type
+        if kind == ModelVarType.LEARNED:
+            return th.exp(var_values), var_values
+        if kind == ModelVarType.LEARNED_RANGE:
+            # Nichol & Dhariwal eq. 15: v in [-1, 1] interpolates log beta~_t .. log beta_t.
+            low = self._coef("posterior_log_variance_clipped", t, x)
+            high = self._coef("log_betas", t, x)
+            frac = (var_values + 1) / 2
+            log_variance = frac * high + (1 - frac) * low
+            return th.exp(log_variance), log_variance
+        if kind == ModelVarType.FIXED_LARGE:
+            return self._coef("fixed_large_variance", t, x), self._coef("fixed_large_log_variance", t, x)
+        if kind == ModelVarType.FIXED_SMALL:
+            return self._coef("posterior_variance", t, x), self._coef("posterior_log_variance_clipped", t, x)
+        raise NotImplementedError(f"unknown model_var_type {kind!r}")
+
+    def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+        """Apply the model to get p(x_{t-1} | x_t) and its prediction of x_0.
+
+        :param model: callable ``model(x, t, **model_kwargs)``.
+        :param x: x_t, [B, C, ...].
+        :param t: int64 timesteps [B].
+        :param clip_denoised: clamp the predicted x_0 to [-1, 1].
+        :param denoised_fn: optional function applied to the predicted x_0 before clipping.
+        :return: dict with ``mean``, ``variance``, ``log_variance``, ``pred_xstart``, each like x.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        if t.shape != (x.shape[0],):
+            raise ValueError(
+                f"timesteps must have shape [B] = ({x.shape[0]},) to match x; got {tuple(t.shape)}."
+            )
+        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+        prediction, var_values = self._split_model_output(model_output, x)
+        variance, log_variance = self._model_variance(var_values, t, x)
+
+        def process_xstart(x0):
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=prediction))
+            mean = prediction
+        elif self.model_mean_type == ModelMeanType.START_X:
+            pred_xstart = process_xstart(prediction)
+            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        elif self.model_mean_type == ModelMeanType.EPSILON:
+            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=prediction))
+            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        else:
+            raise NotImplementedError(f"unknown model_mean_type {self.model_mean_type!r}")
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+
+    # ------------------------------------------------------------------ guidance
+
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """Shift the reverse mean by variance * grad log p(y | x_t) (Dhariwal & Nichol, alg. 1)."""
+        if model_kwargs is None:
+            model_kwargs = {}
+        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """Shift the predicted noise by -sqrt(1 - abar_t) grad log p(y | x_t) (Dhariwal & Nichol, alg. 2).
+
+        Returns a copy of ``p_mean_var`` with ``pred_xstart`` and ``mean`` recomputed.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        eps = eps - self._coef("sqrt_one_minus_alphas_cumprod", t, x) * gradient
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
+        return out
+
+    # ------------------------------------------------------------------ sampler steps
+
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
+        """One ancestral step x_t -> x_{t-1} (Ho et al., algorithm 2). Returns ``sample``, ``pred_xstart``."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        noise = th.randn_like(x)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
+    ):
+        """One DDIM step x_t -> x_{t-1} (Song et al., eq. 12; eta=1 recovers DDPM's variance)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        abar = self._gather64("alphas_cumprod", t)
+        abar_prev = self._gather64("alphas_cumprod_prev", t)
+        sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
+        coef_eps = th.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
+        dtype, shape = _compute_dtype(x), x.shape
+        noise = th.randn_like(x)
+        mean = (
+            out["pred_xstart"] * _broadcast(th.sqrt(abar_prev).to(dtype), shape)
+            + _broadcast(coef_eps.to(dtype), shape) * eps
+        )
+        sample = mean + _nonzero_mask(t, x) * _broadcast(sigma.to(dtype), shape) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
+    ):
+        """One deterministic DDIM step x_t -> x_{t+1} (encoding). Draws no random numbers."""
+        if eta != 0.0:
+            raise ValueError(
+                f"ddim_reverse_sample is deterministic and needs eta=0.0; got eta={eta}."
+            )
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        abar_next = self._gather64("alphas_cumprod_next", t)
+        dtype, shape = _compute_dtype(x), x.shape
+        sample = (
+            out["pred_xstart"] * _broadcast(th.sqrt(abar_next).to(dtype), shape)
+            + _broadcast(th.sqrt(1 - abar_next).to(dtype), shape) * eps
+        )
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    # ------------------------------------------------------------------ sampling loops
+
+    def _loop_progressive(self, step, model, shape, noise, device, progress):
+        """The loop every sampler shares: start from noise, apply ``step`` for t = T-1 .. 0.
+
+        ``step(model, x, t)`` returns a dict with at least ``sample``; each dict is yielded.
+        """
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(f"shape must be a tuple or list like (N, C, H, W); got {shape!r}.")
+        if device is None:
+            device = _model_device(model, noise)
+        img = noise if noise is not None else th.randn(*shape, device=device)
+        steps = list(range(self.num_timesteps))[::-1]
+        for i in _progress(steps, progress):
+            t = _batch_timesteps(i, shape[0], device)
+            with th.no_grad():
+                out = step(model, img, t)
+            yield out
+            img = out["sample"]
+
+    @staticmethod
+    def _last_sample(outputs):
+        final = None
+        for final in outputs:
+            pass
+        return final["sample"]
+
+    def p_sample_loop(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+        model_kwargs=None, device=None, progress=False,
+    ):
+        """Generate samples with ancestral (DDPM) sampling; returns a tensor of ``shape``."""
+        return self._last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            )
+        )
+
+    def p_sample_loop_progressive(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+        model_kwargs=None, device=None, progress=False,
+    ):
+        """Yield the ``p_sample`` output of every step, from t = T-1 down to 0."""
+        step = partial(
+            self.p_sample, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs,
+        )
+        yield from self._loop_progressive(step, model, shape, noise, device, progress)
+
+    def ddim_sample_loop(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+        model_kwargs=None, device=None, progress=False, eta=0.0,
+    ):
+        """Generate samples with DDIM; returns a tensor of ``shape``."""
+        return self._last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+            )
+        )
+
+    def ddim_sample_loop_progressive(
+        self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
+        model_kwargs=None, device=None, progress=False, eta=0.0,
+    ):
+        """Yield the ``ddim_sample`` output of every step, from t = T-1 down to 0."""
+        step = partial(
+            self.ddim_sample, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+        )
+        yield from self._loop_progressive(step, model, shape, noise, device, progress)
+
+    # ------------------------------------------------------------------ objectives
+
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+        """The variational-bound term L_{t} in bits per dimension, per example [B].
+
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretised
+        decoder NLL -log p(x_0 | x_1) at t = 0 (Ho et al. eq. 5 and 13).
+        Returns ``output`` and the model's ``pred_xstart``.
+        """
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / _LOG2
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        decoder_nll = mean_flat(decoder_nll) / _LOG2
+        return {"output": th.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """Per-example training losses at timesteps t.
+
+        :return: dict of [B] tensors: ``loss`` always; ``mse`` for the MSE types; ``vb``
+            when the variance is learned (hybrid objective of Nichol & Dhariwal: the VB
+            term sees a stop-gradient mean so it trains only the variance).
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        if noise is None:
+            noise = th.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        terms = {}
+
+        if self.loss_type.is_vb():
+            terms["loss"] = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)[
+                "output"
+            ]
+            if self.loss_type == LossType.RESCALED_KL:
+                terms["loss"] = terms["loss"] * self.num_timesteps
+            return terms
+
+        if self.loss_type not in (LossType.MSE, LossType.RESCALED_MSE):
+            raise NotImplementedError(f"unknown loss_type {self.loss_type!r}")
+        model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+        prediction, var_values = self._split_model_output(model_output, x_t)
+        if var_values is not None:
+            frozen = th.cat([prediction.detach(), var_values], dim=1)
+            terms["vb"] = self._vb_terms_bpd(
+                lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False
+            )["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                # The MSE term is a mean over dimensions; rescale the VB sum to match (T/1000).
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+        target = {
+            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
+            ModelMeanType.START_X: lambda: x_start,
+            ModelMeanType.EPSILON: lambda: noise,
+        }[self.model_mean_type]()
+        terms["mse"] = mean_flat((target - prediction) ** 2)
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+    # ------------------------------------------------------------------ likelihood
+
+    def _prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, per example [B]."""
+        t = _batch_timesteps(self.num_timesteps - 1, x_start.shape[0], x_start.device)
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / _LOG2
+
+    def calc_bpd_loop(
+        self, model, x_start, clip_denoised=True, model_kwargs=None, *, timesteps_per_call=1, progress=False
+    ):
+        """Negative log-likelihood of x_start in bits per dimension, with its per-step terms.
+
+        Draws one noise tensor per timestep, T-1 down to 0 (the original's order).
+        With ``timesteps_per_call=K`` the model is evaluated on K timesteps at once
+        (the batch concatenated K times, tensor model_kwargs repeated to match): the
+        same random draws and, up to float rounding, the same numbers, in fewer calls.
+        The model must not draw random numbers (use eval mode) for that to hold.
+
+        :return: dict with ``total_bpd`` and ``prior_bpd`` [B]; ``vb``, ``xstart_mse``,
+            ``mse`` [B, T], column j holding timestep T-1-j.
+        """
+        if not isinstance(timesteps_per_call, int) or timesteps_per_call < 1:
+            raise ValueError(
+                f"timesteps_per_call must be a positive integer; got {timesteps_per_call!r} "
+                "(flag --nll_batch)."
+            )
+        model_kwargs = model_kwargs or {}
+        batch = x_start.shape[0]
+        steps = list(range(self.num_timesteps))[::-1]
+        groups = [steps[i : i + timesteps_per_call] for i in range(0, len(steps), timesteps_per_call)]
+        columns = {"vb": [], "xstart_mse": [], "mse": []}
+        for group in _progress(groups, progress):
+            k = len(group)
+            noise = th.cat([th.randn_like(x_start) for _ in group])
+            t = th.cat([_batch_timesteps(s, batch, x_start.device) for s in group])
+            x0 = th.cat([x_start] * k) if k > 1 else x_start
+            x_t = self.q_sample(x0, t, noise=noise)
+            kwargs = {key: _repeat_batch(v, k, batch) for key, v in model_kwargs.items()} if k > 1 else model_kwargs
+            with th.no_grad():
+                out = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised, model_kwargs=kwargs)
+            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+            per_step = {
+                "vb": out["output"],
+                "xstart_mse": mean_flat((out["pred_xstart"] - x0) ** 2),
+                "mse": mean_flat((eps - noise) ** 2),
+            }
+            for key, value in per_step.items():
+                columns[key].extend(value.view(k, batch).unbind(0))
+        result = {key: th.stack(cols, dim=1) for key, cols in columns.items()}
+        result["prior_bpd"] = self._prior_bpd(x_start)
+        result["total_bpd"] = result["vb"].sum(dim=1) + result["prior_bpd"]
+        return {k: result[k] for k in ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_betas(betas):
+    if betas.ndim != 1 or betas.shape[0] == 0:
+        raise ValueError(
+            f"betas must be a non-empty 1-D array (one variance per step); got shape {betas.shape}."
+        )
+    if not ((betas > 0).all() and (betas <= 1).all()):
+        raise ValueError(
+            f"betas must lie in (0, 1]; got min {betas.min()!r}, max {betas.max()!r}. The 'linear' "
+            "schedule scales 1e-4..0.02 by 1000/T, so it needs T >= 20 steps (flag "
+            "--diffusion_steps); use --noise_schedule cosine for fewer steps."
+        )
+
+
+def _check_same_shape(a, b, name_a, name_b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} shape {tuple(a.shape)} must equal {name_b} shape {tuple(b.shape)}.")
+
+
+def _model_device(model, noise):
+    """The device to sample on when none is given: the model's, else the noise's, else CPU."""
+    parameters = getattr(model, "parameters", None)
+    if callable(parameters):
+        first = next(iter(parameters()), None)
+        if first is not None:
+            return first.device
+    return noise.device if noise is not None else th.device("cpu")
