@@ -1,0 +1,6 @@
+"""ADM evaluation suite: FID, sFID, Inception Score, precision and recall.
+
+``evaluator.py`` is the command line and the original evaluator's Python
+surface, ``metrics.py`` the maths on feature arrays, ``inception.py`` the
+feature network and ``npz_io.py`` the streaming reader of batch files.
+"""
