@@ -461,32 +461,18 @@ def _load_npz(path: str, class_cond: bool):
 
 
 def _load_image_folder(path: str, image_size: int, channels: int, class_cond: bool):
-    from PIL import Image
+    from .image_datasets import center_crop_arr, class_labels, list_image_files, read_image
 
-    from .image_datasets import center_crop_arr
-
-    files = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    files = list_image_files(path)
     if not files:
         raise UsageError(f"--base_samples {path!r} is a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
     if channels not in (1, 3):
-        raise UsageError(f"--in_channels {channels}: image folders can give 1 (grayscale) or 3 (RGB) channels")
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for file in files:
-        with Image.open(file) as pil_image:
-            pil_image.load()
-            array = center_crop_arr(pil_image.convert(mode), image_size)
-        images.append(array.reshape(image_size, image_size, channels))
-    labels = None
-    if class_cond:
-        names = [os.path.basename(file).split("_")[0] for file in files]
-        index = {name: i for i, name in enumerate(sorted(set(names)))}
-        labels = np.array([index[name] for name in names], dtype=np.int64)
+        raise UsageError(f"--in_channels {channels}: image folders give 1 (grayscale) or 3 (RGB) channels")
+    images = [
+        center_crop_arr(read_image(file, channels), image_size).reshape(image_size, image_size, channels)
+        for file in files
+    ]
+    labels = np.array(class_labels(files), dtype=np.int64) if class_cond else None
     return np.stack(images).astype(np.uint8), labels
 
 

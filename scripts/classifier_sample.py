@@ -24,9 +24,11 @@ from guided_diffusion import dist_util, logger, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     classifier_defaults,
+    classifier_extra_defaults,
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    model_extra_defaults,
     parse_args_with_presets,
 )
 
@@ -44,6 +46,8 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     defaults.update(model_and_diffusion_defaults())
     defaults.update(classifier_defaults())
+    defaults.update(model_extra_defaults())
+    defaults.update(classifier_extra_defaults())  # shares in_channels and num_classes
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
     sample_util.add_sampling_flags(parser)
@@ -51,19 +55,21 @@ def create_argparser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv, checkpoint_flags=("model_path", "classifier_path"))
+    args = parse_args_with_presets(
+        create_argparser(), argv, checkpoint_flags=("model_path", "classifier_path"), purpose="sample"
+    )
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     sample_util.check_class_label(args.class_label, args.num_classes)
     sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, model_and_diffusion_defaults().keys())
+    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
     sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
     logger.log("loading classifier...")
-    classifier_flags = sample_util.flags_dict(args, classifier_defaults().keys())
+    classifier_flags = sample_util.flags_dict(args, [*classifier_defaults(), *classifier_extra_defaults()])
     classifier = create_classifier(**classifier_flags)
     sample_util.prepare_model(
         classifier,
@@ -84,16 +90,17 @@ def main(argv=None):
         )
         return {"y": labels}, labels.numpy()
 
-    sample_util.generate_and_save(
+    path = sample_util.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=model_fn,
-        image_shape=(getattr(args, "in_channels", 3), args.image_size, args.image_size),
+        image_shape=(args.in_channels, args.image_size, args.image_size),
         conditioning=conditioning,
         with_labels=True,
         cond_fn=cond_fn,
     )
     logger.log("sampling complete")
+    return path
 
 
 if __name__ == "__main__":

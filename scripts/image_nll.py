@@ -31,6 +31,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    model_extra_defaults,
     parse_args_with_presets,
 )
 
@@ -41,6 +42,7 @@ def create_argparser() -> argparse.ArgumentParser:
     """The original's flags, the model/diffusion flags, and our additions."""
     defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
     defaults.update(model_and_diffusion_defaults())
+    defaults.update(model_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
     parser.add_argument(
@@ -70,7 +72,7 @@ def main(argv=None):
         raise sample_util.UsageError(f"--data_dir {args.data_dir!r}: no such folder")
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, model_and_diffusion_defaults().keys())
+    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
     sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
@@ -81,10 +83,13 @@ def main(argv=None):
         image_size=args.image_size,
         class_cond=args.class_cond,
         deterministic=True,
+        random_flip=False,
+        in_channels=args.in_channels,
     )
     logger.log("evaluating...")
     bpd = run_bpd_evaluation(model, diffusion, data, args)
     logger.log(f"final bpd={bpd}")
+    return bpd
 
 
 def run_bpd_evaluation(model, diffusion, data, args) -> float:

@@ -24,6 +24,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    model_extra_defaults,
     parse_args_with_presets,
 )
 
@@ -32,6 +33,7 @@ def create_argparser() -> argparse.ArgumentParser:
     """The original's flags, the model/diffusion flags, and the shared sampling flags."""
     defaults = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
     defaults.update(model_and_diffusion_defaults())
+    defaults.update(model_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
     sample_util.add_sampling_flags(parser)
@@ -39,7 +41,7 @@ def create_argparser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv)
+    args = parse_args_with_presets(create_argparser(), argv, purpose="sample")
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     if args.class_cond:
@@ -47,7 +49,7 @@ def main(argv=None):
     sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, model_and_diffusion_defaults().keys())
+    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
     sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
@@ -59,16 +61,16 @@ def main(argv=None):
         )
         return {"y": labels}, labels.numpy()
 
-    channels = getattr(args, "in_channels", 3)
-    sample_util.generate_and_save(
+    path = sample_util.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=model,
-        image_shape=(channels, args.image_size, args.image_size),
+        image_shape=(args.in_channels, args.image_size, args.image_size),
         conditioning=conditioning,
         with_labels=args.class_cond,
     )
     logger.log("sampling complete")
+    return path
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     parse_args_with_presets,
     sr_create_model_and_diffusion,
+    sr_extra_defaults,
     sr_model_and_diffusion_defaults,
 )
 
@@ -43,6 +44,7 @@ def create_argparser() -> argparse.ArgumentParser:
         model_path="",
     )
     defaults.update(sr_model_and_diffusion_defaults())
+    defaults.update(sr_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
     sample_util.add_sampling_flags(parser, class_choice=False)
@@ -50,18 +52,18 @@ def create_argparser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv)
+    args = parse_args_with_presets(create_argparser(), argv, purpose="sample")
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
-    channels = getattr(args, "in_channels", 3)
+    channels = args.in_channels
     base_images, base_labels = sample_util.load_base_samples(
         args.base_samples, image_size=args.small_size, channels=channels, class_cond=args.class_cond
     )
     logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, sr_model_and_diffusion_defaults().keys())
+    model_flags = sample_util.flags_dict(args, [*sr_model_and_diffusion_defaults(), *sr_extra_defaults()])
     model, diffusion = sr_create_model_and_diffusion(**model_flags)
     sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
@@ -75,7 +77,7 @@ def main(argv=None):
             model_kwargs["y"] = torch.from_numpy(labels)
         return model_kwargs, labels
 
-    sample_util.generate_and_save(
+    path = sample_util.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=model,
@@ -84,6 +86,7 @@ def main(argv=None):
         with_labels=args.class_cond,
     )
     logger.log("sampling complete")
+    return path
 
 
 if __name__ == "__main__":
