@@ -26,6 +26,7 @@ per halving down to 4 pixels. The size must divide evenly by ``2**(levels-1)``
 
 import argparse
 import json
+import shlex
 import sys
 
 NUM_CLASSES = 1000
@@ -739,10 +740,10 @@ def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",),
 
 
 def format_flags(args, keys=None):
-    """The effective flags as ``--key value`` lines, ready to log or to paste back."""
+    """The effective flags as ``--key value`` lines (shell-quoted), ready to log or to paste back."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     keys = list(values) if keys is None else list(keys)
-    return "\n".join(f"--{key} {values[key]}" for key in keys)
+    return "\n".join(f"--{key} {shlex.quote(str(values[key]))}" for key in keys)
 
 
 def print_flags(args, keys=None, file=None):
