@@ -1,0 +1,581 @@
+"""The diffusion training loop: AdamW, EMA, microbatches, data parallel, checkpoints, exact resume.
+
+Checkpoints keep the original's names and formats in the log dir:
+``model{step:06d}.pt`` (weights), ``ema_{rate}_{step:06d}.pt`` (one per EMA rate)
+and ``opt{step:06d}.pt`` (AdamW state). Beside them this port writes
+``state{step:06d}.pt``, a small file with what an exact resume needs (the global
+step, the RNG states of every rank, the loss scale, the position in the data
+stream, the schedule sampler's history). It is written last, so it also marks
+the set as complete. Every file is written atomically (``checkpoints.atomic_save``).
+
+Resuming from a set with a state file continues exactly where the run stopped:
+on CPU in float32, N steps straight and N/2 steps + kill + resume give
+bit-identical weights, EMA and optimizer state (the data iterator must be
+deterministic given its seed, e.g. wrapped in `IsolatedRNGIterator`). A set
+without it (the original's checkpoints) resumes like the original did.
+
+A file ``model{N}.pt`` holds the weights after the training iteration with
+index N (iterations count from 0), except the final save of a run, which is
+named after the number of iterations done (the original's convention).
+"""
+
+import copy
+import os
+import random
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel.distributed import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
+from .resample import LossAwareSampler, UniformSampler
+
+STATE_FORMAT = 1
+# Test hook: seconds to sleep right after the model file of a checkpoint set is
+# written, so that a test can kill the process in the middle of a save.
+SAVE_PAUSE_ENV = "GUIDED_DIFFUSION_SAVE_PAUSE"
+
+_SET_MEMBER = re.compile(r"^(?:model|opt|state|ema_[^_]+_)(\d+)\.pt$")
+_STATE_FILE = re.compile(r"^state(\d+)\.pt$")
+_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------------------
+# The original's module functions
+
+
+def parse_resume_step_from_filename(filename):
+    """The digits between the last ``model`` and the following ``.`` in ``filename``, else 0.
+
+    ``"path/model000123.pt"`` -> 123; names without such digits give 0.
+    """
+    parts = filename.split("model")
+    if len(parts) < 2:
+        return 0
+    digits = parts[-1].split(".")[0]
+    try:
+        return int(digits)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir():
+    """Where checkpoints are written: the logger's directory."""
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """Hook for automatic resumption on a cluster; returns None (resume with --resume_checkpoint)."""
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """Path of ``ema_{rate}_{step:06d}.pt`` beside ``main_checkpoint``, or None if absent."""
+    if main_checkpoint is None:
+        return None
+    path = os.path.join(os.path.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if os.path.exists(path) else None
+
+
+def log_loss_dict(diffusion, ts, losses):
+    """Log the batch mean of every loss term and its mean per timestep quartile (``{key}_q0..3``)."""
+    quartiles = (4 * ts.detach().cpu().numpy() // diffusion.num_timesteps).astype(np.int64)
+    for key, values in losses.items():
+        values = values.detach()
+        logger.logkv_mean(key, values.mean().item())
+        for quartile, value in zip(quartiles, values.cpu().numpy()):
+            logger.logkv_mean(f"{key}_q{int(quartile)}", value)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint sets
+
+
+def checkpoint_set_step(path):
+    """The step digits of any file of a checkpoint set (model/ema/opt/state), or None."""
+    m = _SET_MEMBER.match(os.path.basename(path))
+    return m.group(1) if m else None
+
+
+def find_latest_checkpoint(directory):
+    """The ``model*.pt`` of the newest complete set in ``directory``, or None.
+
+    A set is complete when its state file exists (written last). A folder of the
+    original's checkpoints has no state files; its newest model file is returned.
+    """
+    if not os.path.isdir(directory):
+        return None
+    names = os.listdir(directory)
+    complete = [m.group(1) for m in map(_STATE_FILE.match, names) if m]
+    complete = [d for d in complete if f"model{d}.pt" in names]
+    if complete:
+        return os.path.join(directory, f"model{max(complete, key=int)}.pt")
+    if any(_STATE_FILE.match(n) for n in names):
+        return None
+    models = [m.group(1) for m in map(_MODEL_FILE.match, names) if m]
+    return os.path.join(directory, f"model{max(models, key=int)}.pt") if models else None
+
+
+def resolve_resume_checkpoint(path):
+    """Map ``--resume_checkpoint`` (a folder, or any file of a set) to the model file."""
+    if not path:
+        return ""
+    if os.path.isdir(path):
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"--resume_checkpoint {path!r} is a folder without checkpoints (model*.pt). "
+                "Pass a checkpoint file or the log dir of an earlier run."
+            )
+        return found
+    digits = checkpoint_set_step(path)
+    if digits is not None:
+        path = os.path.join(os.path.dirname(path), f"model{digits}.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--resume_checkpoint: model file {path!r} does not exist. Pass an existing "
+            "model*.pt / ema_*.pt / opt*.pt / state*.pt file or a log dir."
+        )
+    return path
+
+
+def state_path_for(model_path):
+    digits = checkpoint_set_step(model_path)
+    if digits is None:
+        return None
+    return os.path.join(os.path.dirname(model_path), f"state{digits}.pt")
+
+
+# ---------------------------------------------------------------------------
+# Random number generators
+
+
+def seed_all(seed):
+    """Seed python's ``random``, numpy's legacy global generator and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state():
+    """The global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state):
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class IsolatedRNGIterator:
+    """Wrap a batch iterator so that it draws from its own RNG streams, seeded by ``seed``.
+
+    The data pipeline's randomness (shuffling, DataLoader worker seeds, crops,
+    flips) then no longer depends on how many random numbers training drew, so
+    the stream of batches is a function of ``seed`` alone and can be fast-forwarded
+    on resume. Global torch/numpy/python RNG states are swapped around every
+    ``next()``.
+    """
+
+    def __init__(self, iterable, seed):
+        self._it = iter(iterable)
+        outer = capture_rng_state()
+        seed_all(seed)
+        self._state = capture_rng_state()
+        restore_rng_state(outer)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        outer = capture_rng_state()
+        restore_rng_state(self._state)
+        try:
+            return next(self._it)
+        finally:
+            self._state = capture_rng_state()
+            restore_rng_state(outer)
+
+
+def _sampler_state(sampler):
+    if hasattr(sampler, "state_dict"):
+        return sampler.state_dict()
+    state = {}
+    for name in ("_loss_history", "_loss_counts"):
+        if isinstance(getattr(sampler, name, None), np.ndarray):
+            state[name] = torch.from_numpy(getattr(sampler, name).copy())
+    return state
+
+
+def _load_sampler_state(sampler, state):
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+        return
+    for name, value in state.items():
+        setattr(sampler, name, value.numpy().copy())
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def _parse_ema_rates(ema_rate):
+    if isinstance(ema_rate, (int, float)):
+        return [float(ema_rate)]
+    try:
+        return [float(x) for x in str(ema_rate).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--ema_rate must be a number or comma-separated numbers like 0.9999 or 0.999,0.9999; got {ema_rate!r}"
+        ) from None
+
+
+def _update_ema(targets, sources, rate):
+    """target = rate * target + (1 - rate) * source, for every pair at once."""
+    with torch.no_grad():
+        targets = [t.detach() for t in targets]
+        torch._foreach_mul_(targets, rate)
+        torch._foreach_add_(targets, [s.detach() for s in sources], alpha=1 - rate)
+
+
+class TrainLoop:
+    """Train ``model`` on batches from ``data`` (an iterator of ``(images, cond_dict)``).
+
+    Arguments are the original's (``../shared/API.md``); beyond them
+    ``max_steps`` stops after that many iterations (counted over resumes; 0: no
+    limit) and ``restore_data_position`` (default True) fast-forwards ``data`` on an
+    exact resume by the number of batches the earlier run consumed.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,                      # the network (already on dist_util.dev())
+        diffusion,                  # GaussianDiffusion / SpacedDiffusion giving training_losses
+        data,                       # iterator of (batch NCHW, cond dict) for this rank
+        batch_size,                 # batch per rank per iteration
+        microbatch,                 # split each batch in chunks of this size (<= 0: no split)
+        lr,                         # AdamW learning rate
+        ema_rate,                   # float or comma-separated floats
+        log_interval,               # dump logged values every N iterations
+        save_interval,              # write a checkpoint set every N iterations
+        resume_checkpoint,          # "" or a checkpoint file / log dir to resume from
+        use_fp16=False,             # float16 torso, float32 masters, loss scaling
+        fp16_scale_growth=1e-3,     # growth of lg_loss_scale per successful step
+        schedule_sampler=None,      # timestep sampler (uniform when None)
+        weight_decay=0.0,           # AdamW weight decay
+        lr_anneal_steps=0,          # decay lr linearly to 0 over this many iterations and stop (0: off)
+        max_steps=0,                # stop after this many iterations (0: no limit)
+        restore_data_position=True, # on exact resume, skip the batches already consumed
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = _parse_ema_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.restore_data_position = restore_data_position
+        if log_interval <= 0 or save_interval <= 0:
+            raise ValueError(
+                f"--log_interval and --save_interval must be positive; got {log_interval} and {save_interval}"
+            )
+
+        self.step = 0               # iterations done by this process
+        self.resume_step = 0        # global index of this process's first iteration
+        self.global_batch = batch_size * dist_util.get_world_size()
+        self.batches_consumed = 0   # position in the data stream
+        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint)
+        self._loaded_name_step = 0
+        self._resume_state = None
+        self._last_saved = None
+        self._pending_skip = 0
+
+        self._load_and_sync_parameters()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.opt = torch.optim.AdamW(
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay, **_adamw_speed_options()
+        )
+        if self.resume_checkpoint:
+            self._load_optimizer_state()
+            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+            self._load_resume_state()
+        else:
+            self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
+
+        self.use_ddp = dist_util.get_world_size() > 1
+        if self.use_ddp:
+            on_gpu = dist_util.dev().type == "cuda"
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[dist_util.dev()] if on_gpu else None,
+                output_device=dist_util.dev() if on_gpu else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+        else:
+            self.ddp_model = self.model
+
+    # -- resume -----------------------------------------------------------
+
+    def _load_and_sync_parameters(self):
+        if self.resume_checkpoint:
+            self._loaded_name_step = parse_resume_step_from_filename(self.resume_checkpoint)
+            self.resume_step = self._loaded_name_step
+            logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
+            state_dict = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            _load_weights(self.model, state_dict, self.resume_checkpoint)
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate):
+        path = find_ema_checkpoint(self.resume_checkpoint, self._loaded_name_step, rate)
+        if path is None:
+            logger.warn(
+                f"no EMA file ema_{rate}_{self._loaded_name_step:06d}.pt beside {self.resume_checkpoint}; "
+                f"the EMA with rate {rate} restarts from the loaded weights."
+            )
+            return copy.deepcopy(self.mp_trainer.master_params)
+        logger.log(f"loading EMA from checkpoint: {path}...")
+        state_dict = dist_util.load_state_dict(path, map_location=dist_util.dev())
+        return [p.detach().clone() for p in self.mp_trainer.state_dict_to_master_params(state_dict)]
+
+    def _load_optimizer_state(self):
+        path = os.path.join(os.path.dirname(self.resume_checkpoint), f"opt{self._loaded_name_step:06d}.pt")
+        if not os.path.exists(path):
+            logger.warn(f"no optimizer file {path}; AdamW starts from a fresh state.")
+            return
+        logger.log(f"loading optimizer state from checkpoint: {path}")
+        self.opt.load_state_dict(dist_util.load_state_dict(path, map_location=dist_util.dev()))
+
+    def _load_resume_state(self):
+        path = state_path_for(self.resume_checkpoint)
+        if path is None or not os.path.exists(path):
+            logger.log("no state file beside the checkpoint: resuming like the original (RNG not restored)")
+            return
+        state = dist_util.load_state_dict(path, map_location="cpu")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: unknown state file format {state.get('format')!r}; expected {STATE_FORMAT}")
+        self.resume_step = int(state["next_step"])
+        self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
+        self.mp_trainer.consecutive_overflows = int(state.get("consecutive_overflows", 0))
+        if state.get("sampler"):
+            _load_sampler_state(self.schedule_sampler, state["sampler"])
+        if self.restore_data_position:
+            self._pending_skip = int(state["batches_consumed"])
+        self._resume_state = state
+        logger.log(f"exact resume from {path}: next iteration {self.resume_step}")
+
+    def _restore_position(self):
+        """Fast-forward the data and restore RNG states (done once, when the loop starts)."""
+        if self._pending_skip:
+            logger.log(f"skipping {self._pending_skip} batches to continue the data stream where it stopped")
+            if hasattr(self.data, "skip"):
+                self.data.skip(self._pending_skip)
+            else:
+                for _ in range(self._pending_skip):
+                    next(self.data)
+            self.batches_consumed = self._pending_skip
+            self._pending_skip = 0
+        if self._resume_state is not None:
+            states = self._resume_state["rng"]
+            rank = dist_util.get_rank()
+            if len(states) == dist_util.get_world_size():
+                restore_rng_state(states[rank])
+            else:
+                logger.warn(
+                    f"the checkpoint holds RNG states of {len(states)} ranks but this job has "
+                    f"{dist_util.get_world_size()}; random streams are not restored"
+                )
+            self._resume_state = None
+
+    # -- the loop ----------------------------------------------------------
+
+    def _global_step(self):
+        return self.step + self.resume_step
+
+    def _should_continue(self):
+        idx = self._global_step()
+        if self.lr_anneal_steps and idx >= self.lr_anneal_steps:
+            return False
+        if self.max_steps and idx >= self.max_steps:
+            return False
+        return True
+
+    def run_loop(self):
+        """Train until ``lr_anneal_steps`` / ``max_steps`` (forever if neither is set)."""
+        logger.log(f"training: logging and checkpoints in {os.path.abspath(get_blob_logdir())}")
+        self._restore_position()
+        tick, images = time.perf_counter(), 0
+        last_idx = None
+        while self._should_continue():
+            idx = self._global_step()
+            batch, cond = next(self.data)
+            self.batches_consumed += 1
+            self.run_step(batch, cond)
+            images += self.global_batch
+            last_idx = idx
+            if idx % self.log_interval == 0:
+                now = time.perf_counter()
+                logger.logkv("images_per_sec", images / max(now - tick, 1e-9))
+                tick, images = now, 0
+                logger.dumpkvs()
+            if idx % self.save_interval == 0:
+                self._write_set(idx, next_step=idx + 1)
+            self.step += 1
+        if last_idx is None or last_idx % self.save_interval != 0:
+            self.save()
+
+    def run_step(self, batch, cond):
+        """One iteration: forward/backward over the microbatches, optimizer step, EMA, lr, logging."""
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self._anneal_lr()
+        self.log_step()
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        for i in range(0, batch.shape[0], self.microbatch):
+            micro = batch[i : i + self.microbatch].to(dist_util.dev())
+            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
+            last_batch = (i + self.microbatch) >= batch.shape[0]
+            t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+            if last_batch or not self.use_ddp:
+                losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+            else:
+                with self.ddp_model.no_sync():
+                    losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+            loss = (losses["loss"] * weights).mean()
+            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+            if not self.use_fp16:
+                self._check_finite(loss)
+            self.mp_trainer.backward(loss)
+
+    def _check_finite(self, loss):
+        value = loss.detach()
+        if self.use_ddp:
+            value = value.clone()
+            dist.all_reduce(value)  # every rank must stop together
+        if not torch.isfinite(value).item():
+            saved = self._last_saved or "none yet"
+            raise TrainingDivergedError(
+                f"the training loss is {float(loss.detach())} at step {self._global_step()}; training stopped "
+                f"before this step changed the weights. Last checkpoint (intact): {saved}. Resume from it "
+                "with a lower --lr, or check the data (--data_dir) for broken images."
+            )
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            _update_ema(params, self.mp_trainer.master_params, rate)
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        frac_done = self._global_step() / self.lr_anneal_steps
+        lr = self.lr * (1 - frac_done)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def log_step(self):
+        logger.logkv("step", self._global_step())
+        logger.logkv("samples", (self._global_step() + 1) * self.global_batch)
+
+    # -- saving ----------------------------------------------------------------
+
+    def save(self):
+        """Write the checkpoint set of the run so far (rank 0 writes; all ranks must call)."""
+        if self.step > 0 or not self.resume_checkpoint:
+            name = self._global_step()
+        else:
+            name = self._loaded_name_step  # nothing trained yet: same name as the loaded set
+        self._write_set(name, next_step=self._global_step())
+
+    def _write_set(self, name, next_step):
+        from . import checkpoints
+
+        state = self._state_dict(next_step)
+        if dist_util.is_main_process():
+            folder = get_blob_logdir()
+            logger.log(f"saving model {name:06d}...")
+            path = os.path.join(folder, f"model{name:06d}.pt")
+            checkpoints.atomic_save(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), path)
+            pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
+            if pause > 0:
+                time.sleep(pause)
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                logger.log(f"saving model {rate}...")
+                checkpoints.atomic_save(
+                    self.mp_trainer.master_params_to_state_dict(params),
+                    os.path.join(folder, f"ema_{rate}_{name:06d}.pt"),
+                )
+            checkpoints.atomic_save(self.opt.state_dict(), os.path.join(folder, f"opt{name:06d}.pt"))
+            checkpoints.atomic_save(state, os.path.join(folder, f"state{name:06d}.pt"))
+            self._last_saved = path
+        dist_util.barrier()
+
+    def _state_dict(self, next_step):
+        return {
+            "format": STATE_FORMAT,
+            "next_step": int(next_step),
+            "batches_consumed": int(self.batches_consumed),
+            "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
+            "consecutive_overflows": int(self.mp_trainer.consecutive_overflows),
+            "world_size": dist_util.get_world_size(),
+            "rng": dist_util.all_gather_objects(capture_rng_state()),
+            "sampler": _sampler_state(self.schedule_sampler),
+        }
+
+
+def _adamw_speed_options():
+    """Fused AdamW on CUDA; the default (single-tensor) implementation on CPU.
+
+    The CPU default keeps the original's float32 rounding, on which the golden
+    training fixtures depend.
+    """
+    if torch.cuda.is_available():
+        return {"fused": True}
+    return {}
+
+
+def _load_weights(model, state_dict, source):
+    try:
+        from .checkpoints import load_model_weights
+    except ImportError:
+        model.load_state_dict(state_dict)
+        return
+    load_model_weights(model, state_dict, source=source)
