@@ -34,7 +34,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
             f"{type(mean2).__name__}, {type(logvar2).__name__}. Wrap one value in torch.tensor()."
         )
     logvar1, logvar2 = (
-        v if isinstance(v, torch.Tensor) else torch.tensor(v).to(reference)
+        v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=reference.dtype, device=reference.device)
         for v in (logvar1, logvar2)
     )
     # 2 KL = log(s2^2/s1^2) + s1^2/s2^2 + (m1 - m2)^2 / s2^2 - 1
