@@ -296,8 +296,20 @@ def _check_arguments(data_dir, batch_size, image_size, num_workers, in_channels)
 
 
 def _forever(loader):
+    """Yield the loader's batches epoch after epoch."""
     while True:
-        yield from loader
+        batches = iter(loader)
+        try:
+            yield from batches
+        except Exception as err:
+            if loader.num_workers == 0:
+                raise
+            # A worker's error arrives with the worker's traceback in its message. Dropping
+            # the local traceback frees the iterator now, so its worker processes stop at
+            # once instead of stalling the exit for seconds when the traceback is freed.
+            err.with_traceback(None)
+            del batches
+            raise err
 
 
 def load_data(
