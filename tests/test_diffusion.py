@@ -332,3 +332,14 @@ def test_reverse_ddim_rejects_nonzero_eta():
 def test_nll_batch_must_be_positive():
     with pytest.raises(ValueError, match="--nll_batch"):
         make_diffusion(4).calc_bpd_loop(TinyModel(learned_variance=True), image(1), timesteps_per_call=0)
+
+
+def test_device_tables_are_built_once_and_reused():
+    d = make_diffusion(5)
+    model = TinyModel(learned_variance=True)
+    d.p_sample_loop(model, SHAPE)
+    tables = d._device_tables[torch.device("cpu")]
+    d.ddim_sample_loop(model, SHAPE)
+    assert list(d._device_tables) == [torch.device("cpu")]
+    assert d._device_tables[torch.device("cpu")] is tables
+    assert all(v.dtype == torch.float64 for v in tables.values())
