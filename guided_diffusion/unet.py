@@ -315,13 +315,15 @@ class ResBlock(TimestepBlock):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
+        # In-place adds below only touch fresh convolution / product outputs, which
+        # autograd does not keep, so they save allocations without changing any number.
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = (self.out_layers[0](h) * (1 + scale)).add_(shift)
             h = self.out_layers[1:](h)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = self.out_layers(h.add_(emb_out))
+        return h.add_(self.skip_connection(x))
 
 
 class AttentionBlock(nn.Module):
@@ -373,7 +375,7 @@ class AttentionBlock(nn.Module):
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(batch, channels, *spatial)
+        return h.add_(x).reshape(batch, channels, *spatial)  # proj_out's fresh output: safe in place
 
 
 # ---------------------------------------------------------------------------
