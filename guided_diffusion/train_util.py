@@ -579,3 +579,54 @@ def _load_weights(model, state_dict, source):
         model.load_state_dict(state_dict)
         return
     load_model_weights(model, state_dict, source=source)
+
+
+# ---------------------------------------------------------------------------
+# Shared by the training scripts
+
+
+def training_extra_defaults():
+    """Flags the training scripts add to the original's."""
+    return dict(
+        max_steps=0,             # stop after this many iterations (0: no limit)
+        log_dir="",              # where logs and checkpoints go (default: $OPENAI_LOGDIR, else a temp dir)
+        seed=0,                  # seeds the model init, noise and timestep draws (+rank) and the data order
+        num_workers=1,           # data loader worker processes
+        random_flip=True,        # mirror half of the training images
+        skip_bad_images=False,   # skip unreadable images with a warning instead of stopping
+        exact_resume=True,       # on resume, fast-forward the data stream to where the run stopped
+    )
+
+
+def start_run(args, purpose="training"):
+    """Common start of a training script: process group, log dir, seeds, saved flags.
+
+    Returns the absolute log dir. The flags are saved there as ``config.json`` so
+    that sampling scripts can rebuild the model without repeating them.
+    """
+    from . import checkpoints
+
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+    log_dir = os.path.abspath(logger.get_dir())
+    logger.log(f"{purpose}: logging to {log_dir}")
+    seed_all(args.seed + dist_util.get_rank())
+    if dist_util.is_main_process():
+        checkpoints.save_config(log_dir, {k: v for k, v in vars(args).items()})
+    dist_util.barrier()
+    return log_dir
+
+
+def training_data(args, **load_kwargs):
+    """``image_datasets.load_data`` with the script flags, drawing from its own seeded RNG."""
+    from .image_datasets import load_data
+
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        random_flip=args.random_flip,
+        skip_bad_images=args.skip_bad_images,
+        **load_kwargs,
+    )
+    return IsolatedRNGIterator(data, seed=args.seed * 1000003 + dist_util.get_rank())

@@ -1,0 +1,94 @@
+"""Train a diffusion model on a folder of images.
+
+    python scripts/image_train.py --data_dir DIR --image_size 64 --num_channels 128 ...
+    mpiexec -n 4 python scripts/image_train.py ...        (data parallel, MPI)
+    torchrun --nproc_per_node 4 scripts/image_train.py ... (data parallel, torchrun)
+
+See docs/training.md.
+"""
+
+import argparse
+import os
+import sys
+
+try:
+    import guided_diffusion  # noqa: F401
+except ImportError:  # running from a checkout without installing the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    model_extra_defaults,
+    parse_args_with_presets,
+)
+from guided_diffusion.train_util import TrainLoop, start_run, training_data, training_extra_defaults
+
+
+def main(argv=None):
+    args = parse_args_with_presets(create_argparser(), argv, checkpoint_flags=("resume_checkpoint",), purpose="train")
+    start_run(args)
+
+    logger.log("creating model and diffusion...")
+    keys = list(model_and_diffusion_defaults()) + list(model_extra_defaults())
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, keys))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = training_data(
+        args, image_size=args.image_size, class_cond=args.class_cond, in_channels=args.in_channels
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        max_steps=args.max_steps,
+        restore_data_position=args.exact_resume,
+    ).run_loop()
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(model_extra_defaults())
+    defaults.update(training_extra_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    main()
