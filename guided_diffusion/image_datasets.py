@@ -116,9 +116,10 @@ def class_labels(paths):
 
 
 def _to_eight_bit(image):
-    """Scale 16-bit (and 32-bit integer) grayscale to 8-bit 'L', keeping the full range."""
-    wide = np.asarray(image, dtype=np.float64)
-    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    """16-bit grayscale to 8-bit 'L' by keeping the high byte, as Pillow reads 16-bit colour
+    PNGs (Pillow's own conversion would clip everything above 255 to white)."""
+    wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray((wide >> 8).astype(np.uint8), "L")
 
 
 def _has_transparency(image):
@@ -147,12 +148,12 @@ def read_image(path, in_channels=3):
         with _open_binary(path) as f:
             image = Image.open(f)
             image.load()
+        return convert_image(image, in_channels)
     except _READ_ERRORS as err:
         raise BadImageError(
             f"cannot read image file {path}: {err}. Replace or delete it, or pass "
             "--skip_bad_images True (load_data(skip_bad_images=True)) to skip unreadable files."
         ) from err
-    return convert_image(image, in_channels)
 
 
 def _halve_while_large(pil_image, side):

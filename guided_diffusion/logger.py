@@ -27,6 +27,7 @@ single plain process needs neither.
 """
 
 import contextlib
+import csv
 import datetime
 import json
 import os
@@ -99,24 +100,26 @@ class TextOutput:
 
 class CSVOutput:
     """``progress.csv``: one row per dump; a new key adds a column, rewriting the
-    header and padding the earlier rows with empty cells."""
+    header and padding the earlier rows with empty cells. Cells holding commas,
+    quotes or newlines are quoted (CSV rules); other cells are ``str(value)``."""
 
     def __init__(self, path):
-        self.file = open(path, "w+", encoding="utf-8")
+        self.file = open(path, "w+", encoding="utf-8", newline="")
         self.keys = []
+
+    def _writerows(self, rows):
+        csv.writer(self.file, lineterminator="\n").writerows(rows)
 
     def writekvs(self, kvs):
         new_keys = sorted(set(kvs) - set(self.keys))
         if new_keys:
             self.keys.extend(new_keys)
             self.file.seek(0)
-            old_rows = self.file.read().splitlines()[1:]
+            old_rows = list(csv.reader(self.file))[1:]
             self.file.seek(0)
             self.file.truncate()
-            padding = "," * len(new_keys)
-            self.file.writelines(line + "\n" for line in [",".join(self.keys)] + [r + padding for r in old_rows])
-        cells = ["" if key not in kvs else str(_plain(kvs[key])) for key in self.keys]
-        self.file.write(",".join(cells) + "\n")
+            self._writerows([self.keys] + [row + [""] * len(new_keys) for row in old_rows])
+        self._writerows([["" if key not in kvs else str(_plain(kvs[key])) for key in self.keys]])
         self.file.flush()
 
     def close(self):

@@ -3,6 +3,8 @@ labels, pixel conversions, sharding, crops and flips, and the errors users meet.
 
 import os
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -137,8 +139,26 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped(tmp_path):
     path = save(Image.fromarray(levels), tmp_path, "deep.png")
     arr = np.asarray(D.read_image(path))
     assert arr.shape == (1, 4, 3)
-    assert arr[0, :, 0].tolist() == [0, 4, 128, 255]
+    assert arr[0, :, 0].tolist() == [0, 3, 128, 255]
     assert (arr == arr[..., :1]).all()
+
+
+def _png_bytes(pixels, color_type):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): ``pixels`` is HxWxC uint16."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_rgb_png_keeps_its_full_range(tmp_path):
+    path = tmp_path / "deep_rgb.png"
+    path.write_bytes(_png_bytes(np.array([[[0, 1000, 65535], [32768, 65535, 0]]], dtype=np.uint16), color_type=2))
+    arr = np.asarray(D.read_image(str(path)))
+    assert arr.tolist() == [[[0, 3, 255], [128, 255, 0]]]
 
 
 def test_transparent_pixels_are_composited_onto_white(tmp_path):

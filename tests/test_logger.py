@@ -259,3 +259,12 @@ def test_two_ranks_average_logkv_mean_by_counts(tmp_path):
     assert results[0] == results[1] == {"loss": 5.0, "rank": 0}
     assert sorted(os.listdir(tmp_path / "logs")) == ["log-rank001.txt", "log.txt", "progress.csv"]
     assert read(tmp_path / "logs" / "progress.csv") == "loss,rank\n5.0,0\n"
+
+
+def test_csv_quotes_cells_with_commas_and_keeps_them_through_a_header_rewrite(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs=["csv"])
+    logger.logkv("note", 'a, "b"')
+    logger.dumpkvs()
+    logger.logkv("x", 1)
+    logger.dumpkvs()
+    assert read(tmp_path / "progress.csv") == 'note,x\n"a, ""b""",\n,1\n'
