@@ -350,23 +350,27 @@ def infer_model_flags(state_dict, *, image_size=None):
     flags["kind"] = "classifier"
     flags["classifier_width"] = width
     flags["in_channels"] = in_channels
-    _infer_classifier(state_dict, flags, image_size)
+    _infer_classifier(state_dict, flags)
     return flags
 
 
-def _infer_classifier(state_dict, flags, image_size):
+def _infer_classifier(state_dict, flags):
+    # The head layout tells the pool: attention -> out.2 is an AttentionPool2d;
+    # adaptive -> out.3 is a 1x1 convolution; spatial -> linear out.0 and out.2;
+    # spatial_v2 -> linear out.0, norm out.1, linear out.3.
+    head = None
     if "out.2.positional_embedding" in state_dict:
-        flags["classifier_pool"] = "attention"
-        flags["num_classes"] = int(state_dict["out.2.c_proj.weight"].shape[0])
+        flags["classifier_pool"], head = "attention", "out.2.c_proj.weight"
         tokens = int(state_dict["out.2.positional_embedding"].shape[1]) - 1
         flags["final_feature_size"] = int(round(tokens**0.5))
-    elif "out.0.weight" in state_dict and state_dict["out.0.weight"].ndim == 2:
-        last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("out.") and k.endswith(".weight"))
-        flags["classifier_pool"] = "spatial" if last == 0 else "spatial_v2"
-        flags["num_classes"] = int(state_dict[f"out.{last}.weight"].shape[0])
+    elif "out.3.weight" in state_dict and state_dict["out.3.weight"].ndim == 4:
+        flags["classifier_pool"], head = "adaptive", "out.3.weight"
+    elif "out.3.weight" in state_dict:
+        flags["classifier_pool"], head = "spatial_v2", "out.3.weight"
     elif "out.2.weight" in state_dict:
-        flags["classifier_pool"] = "adaptive"
-        flags["num_classes"] = int(state_dict["out.2.weight"].shape[0])
+        flags["classifier_pool"], head = "spatial", "out.2.weight"
+    if head is not None:
+        flags["num_classes"] = int(state_dict[head].shape[0])
     emb = state_dict.get("input_blocks.1.0.emb_layers.1.weight")
     width = _resblock_width(state_dict, "input_blocks.1.0")
     if emb is not None and width is not None:
