@@ -303,3 +303,28 @@ def test_super_res_model_without_low_res_says_so():
     model = U.SuperResModel(16, 3, 32, 3, 1, (), channel_mult=(1,))
     with pytest.raises(ValueError, match="low_res"):
         model(image((1, 3, 16, 16)), torch.tensor([1]))
+
+
+# --------------------------------------------------------------------- memory formats and autocast
+
+
+def test_channels_last_model_gives_the_same_numbers():
+    model = tiny_unet().eval()
+    x, t = image((2, 3, 16, 16)), torch.tensor([2, 800])
+    with torch.no_grad():
+        ref = model(x, t)
+        model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_and_returns_the_input_dtype():
+    model = tiny_unet().eval()
+    x, t = image((2, 3, 16, 16)), torch.tensor([2, 800])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x, t)
+    assert got.dtype == torch.float32
+    # bfloat16 keeps ~3 significant digits; errors accumulate over the network's depth.
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
