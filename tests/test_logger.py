@@ -268,3 +268,14 @@ def test_csv_quotes_cells_with_commas_and_keeps_them_through_a_header_rewrite(tm
     logger.logkv("x", 1)
     logger.dumpkvs()
     assert read(tmp_path / "progress.csv") == 'note,x\n"a, ""b""",\n,1\n'
+
+
+def test_tensorboard_writes_event_files_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger.configure(dir=str(tmp_path), format_strs=["tensorboard"])
+    logger.logkv("loss", 0.5)
+    logger.logkv("name", "text values are skipped")
+    logger.dumpkvs()
+    logger.reset()
+    events = os.listdir(tmp_path / "tb")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
