@@ -402,6 +402,9 @@ def _listing(title, items, limit=12):
     return f"\n  {title} ({len(items)}):\n    {shown}{more}"
 
 
+_KIND_WORDS = {"diffusion": "diffusion UNet", "super-res": "super-resolution UNet", "classifier": "classifier"}
+
+
 def describe_mismatch(model_state, state_dict, *, flags=None, source=""):
     """The error text for weights that do not fit a model; ``""`` when they fit."""
     missing = sorted(set(model_state) - set(state_dict))
@@ -423,7 +426,8 @@ def describe_mismatch(model_state, state_dict, *, flags=None, source=""):
     image_size = (flags or {}).get("image_size") or (flags or {}).get("large_size")
     inferred = infer_model_flags(state_dict, image_size=image_size)
     if inferred:
-        text += f"\n  the checkpoint looks like a {inferred.get('kind', 'model')} built with: {_flag_hints(inferred, flags)}"
+        kind = _KIND_WORDS.get(inferred.get("kind"), "model")
+        text += f"\n  the checkpoint looks like a {kind} built with: {_flag_hints(inferred, flags)}"
         if "attention_ds" in inferred:
             text += (
                 f"\n  (attention at downsampling rates {inferred['attention_ds']}: "

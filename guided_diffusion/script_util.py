@@ -690,8 +690,28 @@ def _parser_flags(parser):
     return {action.dest: action for action in parser._actions if action.option_strings}
 
 
-def _known(flags, parser_flags, exclude=()):
-    return {k: v for k, v in flags.items() if k in parser_flags and k not in exclude}
+def _known(flags, parser_flags):
+    return {k: v for k, v in flags.items() if k in parser_flags}
+
+
+def _network_flags(config):
+    """The flags of a saved config that describe its checkpoint: network and diffusion.
+
+    Run flags (batch size, learning rate, paths) saved with a training run must
+    not leak into, say, a sampling run. A classifier's config (it has
+    ``classifier_*`` flags) gives only the classifier's flags, so the diffusion
+    it was trained with cannot override the diffusion model's.
+    """
+    if any(key.startswith("classifier_") for key in config):
+        keys = {**classifier_defaults(), **classifier_extra_defaults()}
+    else:
+        keys = {
+            **model_and_diffusion_defaults(),
+            **sr_model_and_diffusion_defaults(),
+            **model_extra_defaults(),
+            **sr_extra_defaults(),
+        }
+    return {k: v for k, v in config.items() if k in keys}
 
 
 def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",), *, purpose=None):
@@ -699,7 +719,8 @@ def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",),
 
     Precedence, lowest first: the script's defaults < the config saved beside
     each checkpoint named by ``checkpoint_flags`` (``checkpoints.find_config``;
-    earlier names in ``checkpoint_flags`` win where configs disagree) < the
+    only its network and diffusion flags, see ``_network_flags``; earlier
+    names in ``checkpoint_flags`` win where configs disagree) < the
     preset(s) given by ``--preset NAME[,NAME...]`` (later names win) < flags
     given explicitly on the command line. Only flags the parser knows are taken.
 
@@ -726,7 +747,7 @@ def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",),
         if path:
             config = checkpoints.find_config(path)
             if config:
-                resolved.update(_known(config, parser_flags, exclude=tuple(checkpoint_flags) + ("preset",)))
+                resolved.update(_known(_network_flags(config), parser_flags))
     for name in [n.strip() for n in (first.preset or "").split(",") if n.strip()]:
         if name not in presets.PRESETS:
             parser.error(

@@ -222,6 +222,20 @@ def test_saved_config_overrides_script_defaults(tmp_path):
     assert not hasattr(args, "lr")  # only flags the parser knows
 
 
+def test_run_flags_saved_by_training_do_not_leak_into_other_runs(tmp_path):
+    path = _write_config(tmp_path, {"num_channels": 64, "batch_size": 128, "model_path": "elsewhere.pt"})
+    args = su.parse_args_with_presets(_parser(), ["--model_path", path])
+    assert (args.num_channels, args.batch_size, args.model_path) == (64, 16, path)
+
+
+def test_classifier_config_alone_does_not_set_the_diffusion(tmp_path):
+    clf = _write_config(tmp_path, {"classifier_depth": 4, "learn_sigma": False, "diffusion_steps": 7})
+    parser = _parser(**su.classifier_defaults())
+    argv = ["--learn_sigma", "True", "--classifier_path", clf]
+    args = su.parse_args_with_presets(parser, argv, checkpoint_flags=("model_path", "classifier_path"))
+    assert (args.classifier_depth, args.learn_sigma, args.diffusion_steps) == (4, True, 1000)
+
+
 def test_checkpoint_stem_json_wins_over_config_json(tmp_path):
     _write_config(tmp_path, {"num_channels": 64})
     path = _write_config(tmp_path, {"num_channels": 96}, name="model.json")
@@ -243,7 +257,7 @@ def test_earlier_checkpoint_flag_config_wins(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "c").mkdir()
     model = _write_config(tmp_path / "m", {"learn_sigma": True, "image_size": 128})
-    clf = _write_config(tmp_path / "c", {"learn_sigma": False, "image_size": 128, "classifier_depth": 4}, name="model.json")
+    clf = _write_config(tmp_path / "c", {"image_size": 64, "classifier_depth": 4}, name="model.json")
     parser = _parser(**su.classifier_defaults())
     args = su.parse_args_with_presets(parser, ["--model_path", model, "--classifier_path", clf],
                                       checkpoint_flags=("model_path", "classifier_path"))
