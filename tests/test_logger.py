@@ -279,3 +279,37 @@ def test_tensorboard_writes_event_files_when_installed(tmp_path):
     logger.reset()
     events = os.listdir(tmp_path / "tb")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+
+
+MPI_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from mpi4py import MPI
+    from guided_diffusion import logger
+
+    comm = MPI.COMM_WORLD
+    logger.configure(dir=sys.argv[1], comm=comm)
+    for value in ([2.0] if comm.rank == 0 else [4.0, 6.0, 8.0]):
+        logger.logkv_mean("loss", value)
+    logger.logkv("rank", comm.rank)
+    print(json.dumps(logger.dumpkvs()))
+    """
+)
+
+
+def test_mpi_communicator_averages_logkv_mean_by_counts(tmp_path):
+    pytest.importorskip("mpi4py")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("no mpiexec beside the python executable (pip install mpich)")
+    script = tmp_path / "worker.py"
+    script.write_text(MPI_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = REPO
+    done = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path / "logs")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert rows == [{"loss": 5.0, "rank": 0}] * 2
+    assert read(tmp_path / "logs" / "progress.csv") == "loss,rank\n5.0,0\n"
+    assert os.path.isfile(tmp_path / "logs" / "log-rank001.txt")
