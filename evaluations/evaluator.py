@@ -237,12 +237,17 @@ def main(argv=None) -> int:
     args = create_argparser().parse_args(argv)
     device = _parse_device(args.device)
     try:
-        evaluator = Evaluator(batch_size=args.batch_size, device=device, weights_path=args.inception_weights)
-        print("loading the Inception network...")
-        evaluator.warmup()
-    except (InceptionWeightsError, ValueError) as exc:
+        _evaluate(args, device)
+    except (InceptionWeightsError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _evaluate(args, device) -> None:
+    evaluator = Evaluator(batch_size=args.batch_size, device=device, weights_path=args.inception_weights)
+    print("loading the Inception network...")
+    evaluator.warmup()
 
     print("computing reference batch activations...")
     ref_acts = evaluator.read_activations(args.ref_batch)
@@ -261,7 +266,6 @@ def main(argv=None) -> int:
     precision, recall = evaluator.compute_prec_recall(ref_acts[0], sample_acts[0])
     print("Precision:", precision)
     print("Recall:", recall)
-    return 0
 
 
 if __name__ == "__main__":

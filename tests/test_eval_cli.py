@@ -109,3 +109,11 @@ def test_cli_script_end_to_end_with_random_weights(batches):
     scores = _scores(result.stdout)
     assert np.isfinite(scores["FID"]) and scores["FID"] > 0
     assert np.isfinite(scores["sFID"]) and scores["sFID"] >= 0
+
+
+def test_cli_reports_a_missing_batch_file_without_a_traceback(batches, monkeypatch, capsys):
+    monkeypatch.setenv(inception.ALLOW_UNVERIFIED_ENV, "1")
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(batches / inception.WEIGHTS_FILENAME))
+    with pytest.warns(UserWarning):
+        code = evaluator.main([str(batches / "absent.npz"), str(batches / "sample.npz"), "--device", "cpu"])
+    assert code == 1 and "absent.npz" in capsys.readouterr().err
