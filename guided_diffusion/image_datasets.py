@@ -31,6 +31,7 @@ Beyond the original:
 """
 
 import math
+import numbers
 import os
 import random
 import warnings
@@ -224,26 +225,29 @@ class ImageDataset:
         self.random_flip = random_flip
         self.skip_bad_images = skip_bad_images
         self.in_channels = in_channels
-        self._warned = set()
+        self._bad = set()  # indices found unreadable (with skip_bad_images)
 
     def __len__(self):
         return len(self.local_images)
 
     def __getitem__(self, idx):
+        if not self.skip_bad_images:
+            return self._make_item(read_image(self.local_images[idx], self.in_channels), idx)
         count = len(self.local_images)
-        for offset in range(count if self.skip_bad_images else 1):
-            index = (idx + offset) % count
+        for index in ((idx + offset) % count for offset in range(count)):
+            if index in self._bad:
+                continue
             try:
                 image = read_image(self.local_images[index], self.in_channels)
             except BadImageError as err:
-                if not self.skip_bad_images:
-                    raise
-                if index not in self._warned:
-                    self._warned.add(index)
-                    warnings.warn(f"skipping unreadable image {self.local_images[index]} ({err.__cause__})")
+                self._bad.add(index)
+                warnings.warn(f"skipping unreadable image {self.local_images[index]} ({err.__cause__})")
                 continue
             return self._make_item(image, index)
-        raise BadImageError(f"none of the {count} images of this shard could be read (first: {self.local_images[0]})")
+        raise BadImageError(
+            f"none of the {count} images of this shard could be read (the first is {self.local_images[0]}); "
+            "check --data_dir"
+        )
 
     def _make_item(self, image, index):
         if self.random_crop:
@@ -280,7 +284,7 @@ def _shard_of_this_process():
     return 0, 1
 
 
-def _check_arguments(data_dir, batch_size, image_size, num_workers, in_channels):
+def _check_arguments(data_dir, batch_size, image_size, num_workers):
     if not data_dir:
         raise ValueError("no data directory given (data_dir is empty); pass --data_dir PATH to a folder of images")
     if not _is_remote(data_dir) and not os.path.exists(data_dir):
@@ -288,12 +292,10 @@ def _check_arguments(data_dir, batch_size, image_size, num_workers, in_channels)
     if not _isdir(data_dir):
         raise NotADirectoryError(f"--data_dir {data_dir!r} is not a directory; pass the folder that holds the images")
     for name, value in (("batch_size", batch_size), ("image_size", image_size)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}; check --{name}")
-    if not isinstance(num_workers, int) or num_workers < 0:
+    if not isinstance(num_workers, numbers.Integral) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}; check --num_workers")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}")
 
 
 def _forever(loader):
@@ -334,7 +336,7 @@ def load_data(
     import torch
     from torch.utils.data import DataLoader
 
-    _check_arguments(data_dir, batch_size, image_size, num_workers, in_channels)
+    _check_arguments(data_dir, batch_size, image_size, num_workers)
     paths = _list_image_files_recursively(data_dir)
     if not paths:
         raise ValueError(
