@@ -507,7 +507,7 @@ def generate_and_save(
     int64 numpy or None). The noise of batch ``k`` comes from
     ``derived_seed(seed, k)``, so the images depend only on ``--seed`` and
     ``--batch_size``, not on the number of processes. Returns the npz path on
-    rank 0 (also printed), None elsewhere.
+    rank 0 (also printed, as the last line), None elsewhere.
     """
     from . import dist_util, logger
 
@@ -546,7 +546,9 @@ def generate_and_save(
     if rank == 0:
         path = save_samples(images, labels, logger.get_dir(), save_png=args.save_png)
         logger.log(f"saved {len(images)} samples to {path}")
-        print(path, flush=True)
     if world > 1:
         dist.barrier()
+    logger.log("sampling complete")
+    if path is not None:
+        print(path, flush=True)  # the last line of output: the npz's absolute path
     return path

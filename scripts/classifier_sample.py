@@ -99,7 +99,6 @@ def main(argv=None):
         with_labels=True,
         cond_fn=cond_fn,
     )
-    logger.log("sampling complete")
     return path
 
 

@@ -69,7 +69,6 @@ def main(argv=None):
         conditioning=conditioning,
         with_labels=args.class_cond,
     )
-    logger.log("sampling complete")
     return path
 
 
