@@ -14,8 +14,8 @@ Numeric conventions follow OpenAI's ADM evaluator (guided-diffusion,
   (Salimans et al. 2016), splits of 5000 images.
 * Precision/recall: k-nearest-neighbour hyperspheres (Kynkaanniemi et al. 2019,
   "Improved precision and recall metric"), k = 3, squared Euclidean distances
-  computed in float16 first, in float32 when float16 overflows, in blocks of
-  10000 x 10000.
+  computed in float16 first (on GPUs), in float32 when float16 overflows, in
+  blocks of 10000 x 10000.
 """
 
 import warnings
@@ -183,12 +183,14 @@ class DistanceBlock:
     block; ``use_float16=False`` always uses float32.
 
     :param device: torch device for the arithmetic (default: CUDA when available).
-    :param use_float16: try float16 first, as the original does.
+    :param use_float16: try float16 first, as the original does; the default
+                        (None) does so on CUDA only, since float16 matrix
+                        products are very slow on CPUs.
     """
 
-    def __init__(self, device=None, use_float16: bool = True):
+    def __init__(self, device=None, use_float16: Optional[bool] = None):
         self.device = torch.device(device) if device is not None else _default_device()
-        self.use_float16 = use_float16
+        self.use_float16 = self.device.type == "cuda" if use_float16 is None else use_float16
 
     def _tensor(self, array) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
@@ -236,7 +238,8 @@ class ManifoldEstimator:
     :param clamp_to_percentile: when set, radii above this percentile (per k)
                                 are set to 0, pruning outlier hyperspheres.
     :param eps: added to distances in the realism score, against division by 0.
-    :param use_float16: compute distances in float16 first (the original's choice).
+    :param use_float16: compute distances in float16 first (the original's choice;
+                        default: on CUDA only, see ``DistanceBlock``).
     """
 
     def __init__(
@@ -247,7 +250,7 @@ class ManifoldEstimator:
         nhood_sizes: Sequence[int] = (3,),
         clamp_to_percentile: Optional[float] = None,
         eps: float = 1e-5,
-        use_float16: bool = True,
+        use_float16: Optional[bool] = None,
     ):
         if row_batch_size < 1 or col_batch_size < 1:
             raise ValueError(

@@ -228,3 +228,9 @@ def test_less_thans_flags_vectors_inside_the_other_sets_spheres():
 def test_manifold_radii_need_more_vectors_than_k():
     with pytest.raises(ValueError, match="k=3"):
         ManifoldEstimator("cpu").manifold_radii(np.zeros((3, 4), dtype=np.float32))
+
+
+def test_float16_distances_are_the_default_on_cuda_only():
+    assert DistanceBlock("cpu").use_float16 is False
+    assert DistanceBlock("cuda").use_float16 is True
+    assert DistanceBlock("cpu", use_float16=True).use_float16 is True
