@@ -28,6 +28,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 
 NUM_CLASSES = 1000
 
@@ -256,8 +257,13 @@ def default_channel_mult(image_size, table=None, flag="--channel_mult"):
     return mult
 
 
-def attention_downsample_rates(attention_resolutions, image_size, flag="--attention_resolutions"):
-    """Turn image resolutions with attention ("32,16,8") into the UNet's downsampling rates."""
+def attention_downsample_rates(attention_resolutions, image_size, flag="--attention_resolutions", levels=None):
+    """Turn image resolutions with attention ("32,16,8") into the UNet's downsampling rates.
+
+    With ``levels`` (the length of ``channel_mult``) a resolution that no level
+    of the network has gets a warning: like the original, the model is built
+    without attention there.
+    """
     if isinstance(attention_resolutions, (tuple, list)):
         tokens = [str(r) for r in attention_resolutions]
     else:
@@ -273,6 +279,16 @@ def attention_downsample_rates(attention_resolutions, image_size, flag="--attent
         if resolution < 1:
             raise ValueError(f"{flag} resolutions must be positive; got {attention_resolutions!r}")
         rates.append(image_size // resolution)
+    if levels is not None:
+        existing = {image_size // 2**level for level in range(levels) if image_size % 2**level == 0}
+        unused = [t for t in tokens if int(t) not in existing]
+        if unused:
+            warnings.warn(
+                f"{flag} {attention_resolutions}: the network has no level at resolution "
+                f"{','.join(unused)} (its levels: {','.join(map(str, sorted(existing, reverse=True)))}), "
+                f"so it gets no attention there",
+                stacklevel=3,
+            )
     return tuple(rates)
 
 
@@ -388,7 +404,7 @@ def create_model(
         model_channels=num_channels,
         out_channels=_output_channels(in_channels, out_channels, learn_sigma),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size),
+        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size, levels=len(mult)),
         dropout=dropout,
         channel_mult=mult,
         num_classes=(num_classes if class_cond else None),
@@ -477,7 +493,7 @@ def create_classifier(
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_downsample_rates(
-            classifier_attention_resolutions, image_size, flag="--classifier_attention_resolutions"
+            classifier_attention_resolutions, image_size, flag="--classifier_attention_resolutions", levels=len(mult)
         ),
         channel_mult=mult,
         use_fp16=classifier_use_fp16,
@@ -589,7 +605,7 @@ def sr_create_model(
         model_channels=num_channels,
         out_channels=_output_channels(in_channels, out_channels, learn_sigma),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size),
+        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size, levels=len(mult)),
         dropout=dropout,
         channel_mult=mult,
         num_classes=(num_classes if class_cond else None),

@@ -87,6 +87,11 @@ def test_bad_attention_resolutions_names_the_flag():
         su.create_model(64, 32, 1, attention_resolutions="16,x")
 
 
+def test_attention_resolution_the_network_lacks_is_warned_about():
+    with pytest.warns(UserWarning, match="--attention_resolutions 16,4.*no level at resolution 4.*32,16"):
+        _meta(su.create_model, 32, 32, 1, channel_mult="1,2", attention_resolutions="16,4")
+
+
 def test_empty_attention_resolutions_builds_a_model_without_attention():
     model = _meta(su.create_model, 32, 32, 1, channel_mult="1,2", attention_resolutions="")
     keys = model.state_dict().keys()
@@ -123,7 +128,7 @@ def test_custom_num_classes_sizes_the_label_embedding_only_when_class_cond():
 
 def test_classifier_takes_in_channels_num_classes_and_channel_mult():
     clf = _meta(
-        su.create_classifier, 32, False, 32, 1, "8", True, True, "attention",
+        su.create_classifier, 32, False, 32, 1, "16", True, True, "attention",
         in_channels=1, num_classes=10, classifier_channel_mult="1,2",
     )
     sd = clf.state_dict()
