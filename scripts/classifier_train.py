@@ -72,7 +72,6 @@ class ClassifierTrainer:
                 model,
                 device_ids=[dist_util.dev()] if on_gpu else None,
                 output_device=dist_util.dev() if on_gpu else None,
-                broadcast_buffers=False,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
             )

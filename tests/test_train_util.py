@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 def tiny_model():
     torch.manual_seed(0)
-    return create_model(8, 32, 1, channel_mult="1", attention_resolutions="4", learn_sigma=True, dropout=0.1)
+    return create_model(8, 32, 1, channel_mult="1", attention_resolutions="8", num_heads=2, learn_sigma=True, dropout=0.1)
 
 
 def fixed_batches(n=3, batch=2, seed=0):
