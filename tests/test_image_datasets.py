@@ -1,9 +1,14 @@
 """Specification of guided_diffusion.image_datasets beyond the golden fixtures:
 labels, pixel conversions, sharding, crops and flips, and the errors users meet."""
 
+import json
 import os
 import random
+import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import numpy as np
@@ -13,6 +18,7 @@ from PIL import Image
 
 from guided_diffusion import image_datasets as D
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -317,3 +323,40 @@ def test_skip_bad_images_fails_when_no_image_is_readable(tmp_path):
     ds = D.ImageDataset(8, [str(tmp_path / "bad.png")], skip_bad_images=True)
     with pytest.warns(UserWarning), pytest.raises(D.BadImageError, match="none of the 1 images"):
         ds[0]
+
+
+SHARD_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from guided_diffusion.image_datasets import load_data
+
+    dist.init_process_group("gloo", init_method="env://")
+    batches = load_data(data_dir=sys.argv[1], batch_size=2, image_size=8, deterministic=True,
+                        random_flip=False, num_workers=0)
+    print(json.dumps(next(batches)[0][:, 0, 0, 0].tolist()))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_each_torch_distributed_rank_reads_its_own_shard(tmp_path):
+    for i in range(4):
+        save(solid((i * 60, 0, 0)), tmp_path / "imgs", f"c{i}.png")
+    script = tmp_path / "worker.py"
+    script.write_text(SHARD_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "imgs")], env={**env, "RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    reds = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert reds == [pytest.approx([v / 127.5 - 1 for v in values]) for values in ([0, 120], [60, 180])]

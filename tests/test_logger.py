@@ -242,6 +242,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch
 def test_two_ranks_average_logkv_mean_by_counts(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(RANK_WORKER)
