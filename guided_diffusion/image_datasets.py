@@ -56,12 +56,19 @@ def _is_remote(path):
     return "://" in path
 
 
-def _listdir(path):
-    if _is_remote(path):
+def _folder_entries(folder):
+    """``(name, path, is_dir)`` for each entry of ``folder``, sorted by name.
+
+    Local folders use ``os.scandir``, whose cached file types spare one ``stat``
+    per file on large datasets; ``gs://``-style paths go through blobfile.
+    """
+    if _is_remote(folder):
         import blobfile
 
-        return blobfile.listdir(path)
-    return os.listdir(path)
+        paths = ((name, blobfile.join(folder, name)) for name in blobfile.listdir(folder))
+        return sorted((name, path, blobfile.isdir(path)) for name, path in paths)
+    with os.scandir(folder) as entries:
+        return sorted((e.name, os.path.join(folder, e.name), e.is_dir()) for e in entries)
 
 
 def _isdir(path):
@@ -70,12 +77,6 @@ def _isdir(path):
 
         return blobfile.isdir(path)
     return os.path.isdir(path)
-
-
-def _join(folder, name):
-    if _is_remote(folder):
-        return folder.rstrip("/") + "/" + name
-    return os.path.join(folder, name)
 
 
 def _open_binary(path):
@@ -93,9 +94,8 @@ def _has_image_extension(name):
 def _list_image_files_recursively(data_dir):
     """Image files under ``data_dir``, depth first, sorted by name within each folder."""
     found = []
-    for name in sorted(_listdir(data_dir)):
-        path = _join(data_dir, name)
-        if _isdir(path):
+    for name, path, is_dir in _folder_entries(data_dir):
+        if is_dir:
             found.extend(_list_image_files_recursively(path))
         elif _has_image_extension(name):
             found.append(path)
