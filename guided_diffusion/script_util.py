@@ -189,8 +189,9 @@ def parse_channel_mult(text, image_size, table=None, flag="--channel_mult"):
     """Level width multipliers from a flag value, or the default for ``image_size``.
 
     ``text`` is a comma-separated list ("1,2,3,4", "0.5,1,1,2"); whole numbers
-    become ints so the UNet computes the same widths as the original. An empty
-    value picks the default described in the module docstring.
+    become ints so the UNet computes the same widths as the original. A tuple
+    or list is used as given. An empty value picks the default described in
+    the module docstring.
     """
     if text not in ("", None):
         if not isinstance(text, str):
