@@ -210,15 +210,20 @@ def weighted_mean(gathered):
     return result
 
 
+def _initialized_torch_distributed():
+    """``torch.distributed`` when a process group is up, else None (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
 def _gather(comm, obj):
     """Return the list of ``obj`` from every rank, on every rank (None when alone)."""
     if comm is not None:
         return comm.allgather(obj) if comm.Get_size() > 1 else None
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    dist = _initialized_torch_distributed()
+    if dist is None or dist.get_world_size() == 1:
         return None
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -364,8 +369,8 @@ def get_rank_without_mpi_import():
     """This process's rank: torch.distributed's when initialised, else the launcher's
     environment (mpich/Intel ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_RANK``,
     torchrun ``RANK``), else 0. Never imports mpi4py."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    dist = _initialized_torch_distributed()
+    if dist is not None:
         return dist.get_rank()
     for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
         if name in os.environ:
