@@ -2,6 +2,7 @@
 labels, pixel conversions, sharding, crops and flips, and the errors users meet."""
 
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -301,11 +302,12 @@ def test_unreadable_image_error_names_its_path(tmp_path, name):
         D.read_image(str(tmp_path / name))
 
 
-def test_unreadable_image_in_a_worker_process_names_its_path(tmp_path):
+def test_unreadable_image_in_a_worker_process_names_its_path_and_stops_the_worker(tmp_path):
     _corrupt_folder(tmp_path)
     batches = loader(tmp_path, batch_size=4, num_workers=1)
     with pytest.raises(D.BadImageError, match="b_truncated.png"):
         next(batches)
+    assert multiprocessing.active_children() == []
 
 
 def test_skip_bad_images_warns_and_yields_only_readable_images(tmp_path):
