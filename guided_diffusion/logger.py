@@ -67,11 +67,17 @@ def _short(text, width=30):
 
 
 class TextOutput:
-    """Human-readable output (stdout or ``log.txt``): text lines and key/value tables."""
+    """Human-readable output (``log.txt``, or stdout when ``path`` is None): text lines and
+    key/value tables."""
 
-    def __init__(self, target):
-        self._owns = isinstance(target, str)
-        self.file = open(target, "a", encoding="utf-8") if self._owns else target
+    def __init__(self, path=None):
+        self._file = None if path is None else open(path, "a", encoding="utf-8")
+
+    @property
+    def file(self):
+        """The log file, or for stdout output whatever ``sys.stdout`` is now (so that
+        redirections and test captures made after ``configure`` are honoured)."""
+        return sys.stdout if self._file is None else self._file
 
     def writekvs(self, kvs):
         if not kvs:
@@ -94,8 +100,8 @@ class TextOutput:
         self.file.flush()
 
     def close(self):
-        if self._owns:
-            self.file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class CSVOutput:
@@ -172,7 +178,7 @@ def make_output_format(format, ev_dir, log_suffix=""):
     """Build the output called ``format`` writing into ``ev_dir``."""
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
-        return TextOutput(sys.stdout)
+        return TextOutput()
     if format == "log":
         return TextOutput(os.path.join(ev_dir, f"log{log_suffix}.txt"))
     if format == "csv":

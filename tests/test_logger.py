@@ -1,5 +1,7 @@
 """Specification of guided_diffusion.logger: files, formats, configuration and rank averaging."""
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -314,3 +316,11 @@ def test_mpi_communicator_averages_logkv_mean_by_counts(tmp_path):
     assert rows == [{"loss": 5.0, "rank": 0}] * 2
     assert read(tmp_path / "logs" / "progress.csv") == "loss,rank\n5.0,0\n"
     assert os.path.isfile(tmp_path / "logs" / "log-rank001.txt")
+
+
+def test_stdout_output_follows_later_redirections_of_sys_stdout(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs=["stdout"])
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        logger.log("redirected", 1)
+    assert captured.getvalue() == "redirected 1\n"
