@@ -115,9 +115,11 @@ def _grads(model, x, t, seed=7):
     return out.detach(), x.grad, params
 
 
-def test_checkpointed_unet_with_dropout_matches_the_plain_one_in_train_mode():
-    plain = tiny_unet(dropout=0.3).train()
-    ckpt = tiny_unet(dropout=0.3, use_checkpoint=True).train()
+@pytest.mark.parametrize("scale_shift, updown", [(True, False), (False, True)])
+def test_checkpointed_unet_with_dropout_matches_the_plain_one_in_train_mode(scale_shift, updown):
+    kw = dict(dropout=0.3, use_scale_shift_norm=scale_shift, resblock_updown=updown)
+    plain = tiny_unet(**kw).train()
+    ckpt = tiny_unet(use_checkpoint=True, **kw).train()
     ckpt.load_state_dict(plain.state_dict())
     x, t = image((2, 3, 16, 16)), torch.tensor([3, 500])
     out_p, gx_p, gp_p = _grads(plain, x, t)
