@@ -35,8 +35,9 @@ from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
 from .resample import LossAwareSampler, UniformSampler
 
 STATE_FORMAT = 1
-# Test hook: seconds to sleep right after the model file of a checkpoint set is
-# written, so that a test can kill the process in the middle of a save.
+# Test hook: "SECONDS" or "SECONDS@STEP": sleep right after the model file of a
+# checkpoint set (of that step only, with @STEP) is written, so that a test can
+# kill the process in the middle of a save.
 SAVE_PAUSE_ENV = "GUIDED_DIFFUSION_SAVE_PAUSE"
 
 _SET_MEMBER = re.compile(r"^(?:model|opt|state|ema_[^_]+_)(\d+)\.pt$")
@@ -533,9 +534,7 @@ class TrainLoop:
             logger.log(f"saving model {name:06d}...")
             path = os.path.join(folder, f"model{name:06d}.pt")
             checkpoints.atomic_save(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), path)
-            pause = float(os.environ.get(SAVE_PAUSE_ENV, "0") or 0)
-            if pause > 0:
-                time.sleep(pause)
+            _test_pause(name)
             for rate, params in zip(self.ema_rate, self.ema_params):
                 logger.log(f"saving model {rate}...")
                 checkpoints.atomic_save(
@@ -558,6 +557,15 @@ class TrainLoop:
             "rng": dist_util.all_gather_objects(capture_rng_state()),
             "sampler": _sampler_state(self.schedule_sampler),
         }
+
+
+def _test_pause(name_step):
+    value = os.environ.get(SAVE_PAUSE_ENV, "")
+    if not value:
+        return
+    seconds, _, step = value.partition("@")
+    if not step or int(step) == name_step:
+        time.sleep(float(seconds))
 
 
 def _adamw_speed_options():
@@ -595,6 +603,24 @@ def training_extra_defaults():
         skip_bad_images=False,   # skip unreadable images with a warning instead of stopping
         exact_resume=True,       # on resume, fast-forward the data stream to where the run stopped
     )
+
+
+def parse_training_args(parser, argv=None, purpose="train"):
+    """Parse a training script's flags; on resume, the run's saved flags become the defaults.
+
+    Precedence, lowest first: script defaults < every flag saved in the
+    ``config.json`` beside ``--resume_checkpoint`` (so a resumed run continues
+    with the same data, batch size, model...) < ``--preset`` < explicit flags.
+    """
+    from . import checkpoints
+    from .script_util import parse_args_with_presets
+
+    first, _ = parser.parse_known_args(argv)
+    if getattr(first, "resume_checkpoint", ""):
+        config = checkpoints.find_config(resolve_resume_checkpoint(first.resume_checkpoint)) or {}
+        known = {a.dest for a in parser._actions if a.option_strings}
+        parser.set_defaults(**{k: v for k, v in config.items() if k in known and k not in ("resume_checkpoint", "preset")})
+    return parse_args_with_presets(parser, argv, checkpoint_flags=("resume_checkpoint",), purpose=purpose)
 
 
 def start_run(args, purpose="training"):

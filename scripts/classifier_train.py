@@ -28,11 +28,11 @@ from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     classifier_extra_defaults,
     create_classifier_and_diffusion,
-    parse_args_with_presets,
 )
 from guided_diffusion.train_util import (
     log_loss_dict,
     parse_resume_step_from_filename,
+    parse_training_args,
     resolve_resume_checkpoint,
     start_run,
     training_data,
@@ -150,7 +150,7 @@ class ClassifierTrainer:
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv, checkpoint_flags=("resume_checkpoint",))
+    args = parse_training_args(create_argparser(), argv, purpose=None)
     start_run(args, purpose="classifier training")
 
     logger.log("creating model and diffusion...")

@@ -24,13 +24,18 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     model_extra_defaults,
-    parse_args_with_presets,
 )
-from guided_diffusion.train_util import TrainLoop, start_run, training_data, training_extra_defaults
+from guided_diffusion.train_util import (
+    TrainLoop,
+    parse_training_args,
+    start_run,
+    training_data,
+    training_extra_defaults,
+)
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv, checkpoint_flags=("resume_checkpoint",), purpose="train")
+    args = parse_training_args(create_argparser(), argv)
     start_run(args)
 
     logger.log("creating model and diffusion...")

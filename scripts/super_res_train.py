@@ -22,12 +22,17 @@ from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
-    parse_args_with_presets,
     sr_create_model_and_diffusion,
     sr_extra_defaults,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import TrainLoop, start_run, training_data, training_extra_defaults
+from guided_diffusion.train_util import (
+    TrainLoop,
+    parse_training_args,
+    start_run,
+    training_data,
+    training_extra_defaults,
+)
 
 
 def with_low_res(data, small_size):
@@ -39,7 +44,7 @@ def with_low_res(data, small_size):
 
 
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv, checkpoint_flags=("resume_checkpoint",), purpose="train")
+    args = parse_training_args(create_argparser(), argv)
     if args.small_size > args.large_size:
         raise SystemExit(
             f"--small_size ({args.small_size}) must not exceed --large_size ({args.large_size}); "
