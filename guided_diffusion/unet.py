@@ -57,6 +57,18 @@ def attention_sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
+def attention(q, k, v):
+    """The attention used by the blocks: SDPA, except float16 on CPU.
+
+    float16 on CPU takes `attention_reference`, which rounds the logits and weights
+    to float16 like the original; SDPA skips those roundings and drifts measurably
+    from the original's fp16 training. On GPUs float16 keeps the fused SDPA kernels.
+    """
+    if q.dtype == torch.float16 and q.device.type == "cpu":
+        return attention_reference(q, k, v)
+    return attention_sdpa(q, k, v)
+
+
 def count_flops_attn(model, _x, y):
     """A `thop` counting hook: add the two attention matmuls of output `y[0]` to `model.total_ops`."""
     batch, channels, *spatial = y[0].shape
@@ -91,7 +103,7 @@ class QKVAttentionLegacy(nn.Module):
         batch, _, length = qkv.shape
         ch = _check_qkv(qkv, self.n_heads)
         q, k, v = qkv.reshape(batch * self.n_heads, 3 * ch, length).split(ch, dim=1)
-        return attention_sdpa(q, k, v).reshape(batch, -1, length)
+        return attention(q, k, v).reshape(batch, -1, length)
 
     @staticmethod
     def count_flops(model, _x, y):
@@ -109,7 +121,7 @@ class QKVAttention(nn.Module):
         batch, _, length = qkv.shape
         ch = _check_qkv(qkv, self.n_heads)
         q, k, v = (t.reshape(batch * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return attention_sdpa(q, k, v).reshape(batch, -1, length)
+        return attention(q, k, v).reshape(batch, -1, length)
 
     @staticmethod
     def count_flops(model, _x, y):

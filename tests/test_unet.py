@@ -82,6 +82,12 @@ def test_reference_and_sdpa_attention_helpers_agree():
     torch.testing.assert_close(U.attention_sdpa(q, k, v), U.attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_float16_attention_on_cpu_rounds_like_the_original_formula():
+    q, k, v = (image((3, 16, 9), seed=s).half() for s in (4, 5, 6))
+    assert torch.equal(U.attention(q, k, v), U.attention_reference(q, k, v))
+    assert U.attention(q, k, v).dtype == torch.float16
+
+
 def test_attention_block_handles_1d_and_3d_inputs():
     block = randomise(U.AttentionBlock(32, num_head_channels=16))
     for shape in [(2, 32, 7), (1, 32, 2, 3, 4)]:
