@@ -7,7 +7,7 @@ a noise-aware classifier (DDPM, or DDIM with ``--use_ddim True``). With
 same seed. Writes ``samples_{N}x{H}x{W}x{C}.npz`` (``arr_0`` images, ``arr_1``
 labels) and a PNG grid into the log directory. Example (ImageNet 128x128)::
 
-    python scripts/classifier_sample.py --preset imagenet128_cond \\
+    python scripts/classifier_sample.py --preset 128x128_diffusion,128x128_classifier \\
         --model_path models/128x128_diffusion.pt --classifier_path models/128x128_classifier.pt \\
         --classifier_scale 0.5 --batch_size 4 --num_samples 100 --timestep_respacing 250
 """

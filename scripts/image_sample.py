@@ -4,7 +4,7 @@ Writes ``samples_{N}x{H}x{W}x{C}.npz`` (uint8 NHWC ``arr_0``; labels ``arr_1``
 when the model is class-conditional) and a PNG grid beside it into the log
 directory, then prints the npz's absolute path. Example (ImageNet 64x64)::
 
-    python scripts/image_sample.py --preset imagenet64_cond \\
+    python scripts/image_sample.py --preset 64x64_diffusion \\
         --model_path models/64x64_diffusion.pt --batch_size 4 --num_samples 100 \\
         --timestep_respacing 250 --seed 0
 

@@ -7,7 +7,7 @@ image ``i`` upsamples base image ``i % len(base)``. Writes
 ``samples_{N}x{H}x{W}x{C}.npz`` (``arr_1`` = the labels used, when
 class-conditional) and a PNG grid into the log directory. Example (64 -> 256)::
 
-    python scripts/super_res_sample.py --preset upsample64_256 \\
+    python scripts/super_res_sample.py --preset 64_256_upsampler \\
         --model_path models/64_256_upsampler.pt --base_samples samples_100x64x64x3.npz \\
         --batch_size 4 --num_samples 100 --timestep_respacing 250
 """

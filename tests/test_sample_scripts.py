@@ -77,7 +77,8 @@ def ckpt(tmp_path_factory):
     )
     paths["classifier"] = _save(root / "clf", _perturbed(classifier, 4), clf_flags)
     sr_flags = {**script_util.sr_model_and_diffusion_defaults(), **script_util.sr_extra_defaults()}
-    sr_flags.update({k: v for k, v in TINY_UNET.items() if k in sr_flags}, large_size=16, small_size=8)
+    sr_flags.update({k: v for k, v in TINY_UNET.items() if k in sr_flags})
+    sr_flags.update(large_size=16, small_size=8, attention_resolutions="8")
     sr_model, _ = script_util.sr_create_model_and_diffusion(**sr_flags)
     paths["sr"] = _save(root / "sr", _perturbed(sr_model, 5), sr_flags)
     return paths
@@ -317,8 +318,8 @@ def _two_process_run(launcher, ckpt, out):
     if launcher == "mpiexec":
         command = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, script, *argv]
     else:
-        command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "0", script, *argv]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+        command = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", script, *argv]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
