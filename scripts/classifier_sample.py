@@ -54,10 +54,15 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
-    args = parse_args_with_presets(
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags: script defaults < config beside the checkpoint(s) < --preset < the command line."""
+    return parse_args_with_presets(
         create_argparser(), argv, checkpoint_flags=("model_path", "classifier_path"), purpose="sample"
     )
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     sample_util.check_class_label(args.class_label, args.num_classes)

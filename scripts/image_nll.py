@@ -8,7 +8,7 @@ the per-timestep means of each term into the log directory: ``vb_terms.npz``,
 ``--nll_batch K`` evaluates K timesteps per model call: much faster, same
 numbers up to float rounding. Example::
 
-    python scripts/image_nll.py --preset cifar10_uncond_vlb \\
+    python scripts/image_nll.py --preset cifar10_uncond_vlb_50M_500K \\
         --model_path models/cifar10_uncond_vlb_50M_500K.pt --data_dir cifar_test \\
         --num_samples 1000 --batch_size 16 --nll_batch 8
 """
@@ -58,8 +58,13 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags: script defaults < config beside the checkpoint(s) < --preset < the command line."""
+    return parse_args_with_presets(create_argparser(), argv)
+
+
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv)
+    args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     sample_util.check_positive("num_samples", args.num_samples, 1000)

@@ -40,8 +40,13 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags: script defaults < config beside the checkpoint(s) < --preset < the command line."""
+    return parse_args_with_presets(create_argparser(), argv, purpose="sample")
+
+
 def main(argv=None):
-    args = parse_args_with_presets(create_argparser(), argv, purpose="sample")
+    args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     if args.class_cond:

@@ -339,3 +339,24 @@ def test_two_processes_give_the_same_complete_set_as_one(ckpt, scripts, tmp_path
     two = _load(tmp_path / "two" / files[0])
     np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
     np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_preset_gives_the_released_model_and_readme_sampling_flags(scripts):
+    args = scripts["image_sample"].parse_args(["--preset", "64x64_diffusion", "--num_samples", "8"])
+    assert (args.num_channels, args.num_res_blocks, args.noise_schedule, args.class_cond) == (192, 3, "cosine", True)
+    assert (args.timestep_respacing, args.batch_size) == ("250", 4)
+    assert args.num_samples == 8  # the command line wins over the preset
+
+
+def test_classifier_preset_combines_with_the_diffusion_preset(scripts):
+    args = scripts["classifier_sample"].parse_args(["--preset", "128x128_diffusion,128x128_classifier"])
+    assert (args.image_size, args.classifier_scale, args.classifier_depth) == (128, 0.5, 2)
+    assert args.num_channels == 256 and args.classifier_pool == "attention"
+
+
+def test_flags_come_from_the_config_beside_the_checkpoint(ckpt, scripts):
+    args = scripts["image_sample"].parse_args(["--model_path", ckpt["cond"]])
+    assert (args.image_size, args.num_channels, args.class_cond, args.num_classes) == (8, 32, True, 10)
