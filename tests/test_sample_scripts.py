@@ -171,12 +171,13 @@ def test_image_sample_save_png_and_grayscale(ckpt, scripts, tmp_path):
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "samples" / pngs[1])), images[1, :, :, 0])
 
 
-def test_image_sample_ddim(ckpt, scripts, tmp_path):
+def test_image_sample_ddim_with_step_progress_bar(ckpt, scripts, tmp_path, capsys):
     path = scripts["image_sample"].main(
         ["--model_path", ckpt["uncond"], "--num_samples", "2", "--batch_size", "2", "--use_ddim", "True",
-         "--timestep_respacing", "ddim4", "--seed", "0", "--log_dir", str(tmp_path)]
+         "--timestep_respacing", "ddim4", "--seed", "0", "--progress", "--log_dir", str(tmp_path)]
     )
     assert _load(path)["arr_0"].shape == (2, 8, 8, 3)
+    assert "4/4" in capsys.readouterr().err  # tqdm over the 4 DDIM steps
 
 
 # ------------------------------------------------------------------ classifier_sample
@@ -290,8 +291,9 @@ def test_image_sample_missing_checkpoint_names_the_flag(scripts, tmp_path):
 def test_image_sample_checkpoint_that_does_not_fit_the_flags(ckpt, scripts, tmp_path):
     lonely = tmp_path / "lonely.pt"  # no config beside it: the flags come from the command line
     shutil.copy(ckpt["uncond"], lonely)
-    flags = ["--image_size", "8", "--num_channels", "64", "--channel_mult", "1,2", "--learn_sigma", "True"]
-    with pytest.raises(checkpoints.CheckpointError):
+    flags = ["--image_size", "8", "--num_channels", "64", "--channel_mult", "1,2", "--attention_resolutions", "4",
+             "--learn_sigma", "True"]
+    with pytest.raises(checkpoints.CheckpointError, match=r"--num_channels 32 \(you gave 64\)"):
         scripts["image_sample"].main(
             ["--model_path", str(lonely), *flags, "--num_samples", "1", *STEPS, "--log_dir", str(tmp_path)]
         )
