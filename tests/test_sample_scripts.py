@@ -362,3 +362,28 @@ def test_classifier_preset_combines_with_the_diffusion_preset(scripts):
 def test_flags_come_from_the_config_beside_the_checkpoint(ckpt, scripts):
     args = scripts["image_sample"].parse_args(["--model_path", ckpt["cond"]])
     assert (args.image_size, args.num_channels, args.class_cond, args.num_classes) == (8, 32, True, 10)
+
+
+# ------------------------------------------------------------------ a model trained by image_train.py
+
+
+def test_sample_from_a_model_trained_for_a_few_steps(scripts, tmp_path):
+    """image_train.py saves config.json beside its checkpoints: --model_path alone is enough to sample."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (8, 8, 3)).astype(np.uint8)).save(
+            data / f"c{i % 2}_{i}.png")
+    train = _script("image_train").main
+    flags = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "4", "--learn_sigma", "True", "--class_cond", "True", "--num_classes", "2",
+             "--diffusion_steps", "100"]
+    train(["--data_dir", str(data), *flags, "--batch_size", "2", "--max_steps", "3", "--save_interval", "3",
+           "--log_dir", str(tmp_path / "run")])
+    emas = sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("ema_") and f.endswith(".pt"))
+    assert emas, os.listdir(tmp_path / "run")
+    path = scripts["image_sample"].main(
+        ["--model_path", str(tmp_path / "run" / emas[-1]), "--num_samples", "3", "--batch_size", "2", *STEPS,
+         "--seed", "0", "--log_dir", str(tmp_path / "out")])
+    arrays = _load(path)
+    assert arrays["arr_0"].shape == (3, 8, 8, 3) and set(arrays["arr_1"].tolist()) <= {0, 1}
