@@ -10,7 +10,7 @@ Steps (docs/demo.md shows how to run each one by hand):
 1. ``datasets/digits.py`` writes scikit-learn's 1,797 bundled digits (no
    download) as class-prefixed PNGs;
 2. ``scripts/image_train.py`` trains a small class-conditional UNet on them;
-3. the EMA weights sample ``--per_class`` images of every digit with DDIM; the
+3. the EMA weights sample ten images of every digit (DDPM, 100 steps); the
    samples are saved as ``samples_NxHxWxC.npz`` (the format image_sample.py
    writes) and as a PNG grid with one row per digit, whose path is printed;
 4. ``guided_diffusion.digits_check`` reports the share of samples a classifier
@@ -35,6 +35,7 @@ try:
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, REPO)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -54,7 +55,7 @@ MODEL_FLAGS = dict(
     in_channels=1,
     num_classes=10,
     class_cond=True,
-    num_channels=64,
+    num_channels=32,
     num_res_blocks=1,
     channel_mult="1,2",
     attention_resolutions="",
@@ -69,19 +70,19 @@ TRAIN_FLAGS = dict(
     batch_size=64,
     lr=2e-3,
     ema_rate="0.995",
-    max_steps=2000,
+    max_steps=1500,
     log_interval=100,
     save_interval=1_000_000,  # only the final checkpoint set
     random_flip=False,  # a mirrored 3 is not a 3
     num_workers=0,
 )
-SAMPLE_RESPACING = "ddim50"
+SAMPLE_RESPACING = "100"  # ancestral (DDPM) sampling on 100 of the 1000 steps
 PER_CLASS = 10
 
 # --quick: the same pipeline, shrunk to a few seconds.
-QUICK_MODEL = dict(MODEL_FLAGS, num_channels=32, diffusion_steps=100)
+QUICK_MODEL = dict(MODEL_FLAGS, diffusion_steps=100)
 QUICK_TRAIN = dict(TRAIN_FLAGS, batch_size=16, max_steps=3, log_interval=1)
-QUICK_RESPACING = "ddim5"
+QUICK_RESPACING = "5"
 QUICK_PER_CLASS = 2
 
 GRID_SCALE = 4  # each 8x8 sample is drawn as 32x32 pixels in the PNG grid
@@ -108,6 +109,11 @@ def flags_to_argv(flags):
     return argv
 
 
+def thread_env(threads):
+    """Environment for the training process, limited to ``threads`` CPU threads."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def train_command(data_dir, log_dir, model_flags, train_flags, seed):
     """The image_train.py command line the demo runs (also shown in docs/demo.md)."""
     script = os.path.join(REPO, "scripts", "image_train.py")
@@ -132,13 +138,13 @@ def _last_progress(log_dir):
         return None
 
 
-def train(command, log_dir, max_steps, poll_seconds=5.0):
+def train(command, log_dir, max_steps, poll_seconds=5.0, env=None):
     """Run the training command, print one progress line per poll; returns the EMA checkpoint."""
     os.makedirs(log_dir, exist_ok=True)
     output_path = os.path.join(log_dir, "train_output.txt")
     start = time.time()
     with open(output_path, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         shown = None
         while process.poll() is None:
             time.sleep(poll_seconds)
@@ -165,7 +171,7 @@ def train(command, log_dir, max_steps, poll_seconds=5.0):
 
 @torch.no_grad()
 def sample_every_class(checkpoint, model_flags, respacing, per_class, seed):
-    """``per_class`` DDIM samples of each digit: uint8 NHWC images and their labels."""
+    """``per_class`` samples of each digit (DDPM on the respaced steps): uint8 NHWC images, labels."""
     flags = {**model_and_diffusion_defaults(), **model_extra_defaults(), **model_flags}
     flags["timestep_respacing"] = respacing
     model, diffusion = create_model_and_diffusion(**flags)
@@ -173,24 +179,31 @@ def sample_every_class(checkpoint, model_flags, respacing, per_class, seed):
     labels = torch.arange(model_flags["num_classes"]).repeat_interleave(per_class)
     torch.manual_seed(seed)
     size = model_flags["image_size"]
-    samples = diffusion.ddim_sample_loop(
+    samples = diffusion.p_sample_loop(
         model, (len(labels), model_flags["in_channels"], size, size), model_kwargs={"y": labels}
     )
     return sample_util.to_uint8_images(samples), labels.numpy()
 
 
-def save_class_grid(images, per_class, path, scale=GRID_SCALE):
-    """Write a PNG with one row per class, each image enlarged ``scale`` times (nearest)."""
+def save_class_grid(images, per_class, path, scale=GRID_SCALE, gap=1):
+    """Write a PNG with one row per class, each image enlarged ``scale`` times (nearest).
+
+    Images are separated by ``gap`` pixels (before enlarging) of dark gray, since
+    the digits touch their top and bottom edges.
+    """
     n, h, w, c = images.shape
-    rows = images.reshape(n // per_class, per_class, h, w, c)
-    grid = rows.transpose(0, 2, 1, 3, 4).reshape((n // per_class) * h, per_class * w, c)
+    classes = n // per_class
+    grid = np.full((classes * (h + gap) - gap, per_class * (w + gap) - gap, c), 40, dtype=np.uint8)
+    for i, image in enumerate(images):
+        row, col = divmod(i, per_class)
+        grid[row * (h + gap):row * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = image
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     image = image.resize((image.width * scale, image.height * scale), resample=Image.NEAREST)
     image.save(path)
     return os.path.abspath(path)
 
 
-def run(out_dir, quick=False, seed=0, max_steps=None):
+def run(out_dir, quick=False, seed=0, max_steps=None, threads=1):
     """The whole demo; returns the :class:`digits_check.DigitsCheckResult`."""
     model_flags = QUICK_MODEL if quick else MODEL_FLAGS
     train_flags = dict(QUICK_TRAIN if quick else TRAIN_FLAGS)
@@ -201,6 +214,7 @@ def run(out_dir, quick=False, seed=0, max_steps=None):
     data_dir = os.path.join(out_dir, "digits")
     log_dir = os.path.join(out_dir, "train")
     start = time.time()
+    torch.set_num_threads(threads)
 
     size = model_flags["image_size"]
     print(f"[1/4] writing the 1,797 digits as {size}x{size} PNGs to {os.path.abspath(data_dir)}", flush=True)
@@ -209,7 +223,7 @@ def run(out_dir, quick=False, seed=0, max_steps=None):
     print(f"[2/4] training for {train_flags['max_steps']} steps (log: {os.path.abspath(log_dir)})", flush=True)
     checkpoint = train(
         train_command(data_dir, log_dir, model_flags, train_flags, seed), log_dir,
-        train_flags["max_steps"], poll_seconds=1.0 if quick else 10.0,
+        train_flags["max_steps"], poll_seconds=1.0 if quick else 10.0, env=thread_env(threads),
     )
     print(f"  trained in {time.time() - start:.0f} s", flush=True)
 
@@ -236,10 +250,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run of every step (not scored)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling (default %(default)s)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the number of training steps")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads for training and sampling (default %(default)s: the model is so small that "
+        "more threads gain little, and they slow down badly when other programs share the cores)",
+    )
     args = parser.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be at least 1, got {args.max_steps}.")
-    result = run(args.out_dir, quick=args.quick, seed=args.seed, max_steps=args.max_steps)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}.")
+    result = run(args.out_dir, quick=args.quick, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     return 0 if args.quick else result.exit_code
 
 

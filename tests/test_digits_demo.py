@@ -23,10 +23,9 @@ def load_demo():
 
 
 def test_quick_demo_runs_every_step_and_prints_the_grid_path(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, DEMO, "--quick", "--out_dir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -34,7 +33,7 @@ def test_quick_demo_runs_every_step_and_prints_the_grid_path(tmp_path):
     grid_path = last_line.split(": ", 1)[1]
     assert os.path.isabs(grid_path) and os.path.isfile(grid_path)
     grid = Image.open(grid_path)
-    assert grid.size == (2 * 8 * 4, 10 * 8 * 4)  # 2 samples per row, one row per digit, 4x enlarged
+    assert grid.size == ((2 * 9 - 1) * 4, (10 * 9 - 1) * 4)  # 2 per row, a row per digit, 1-pixel gaps, 4x
     assert "recognised as requested class" in done.stdout
 
     with np.load(tmp_path / "demo" / "samples" / "samples_20x8x8x1.npz") as samples:
@@ -50,12 +49,14 @@ def test_class_grid_puts_each_class_on_its_own_row(tmp_path):
     images = np.repeat(np.arange(10, dtype=np.uint8) * 20, per_class)[:, None, None, None]
     images = np.broadcast_to(images, (30, 8, 8, 1)).copy()
 
-    demo.save_class_grid(images, per_class, str(tmp_path / "grid.png"), scale=2)
+    demo.save_class_grid(images, per_class, str(tmp_path / "grid.png"), scale=2, gap=1)
 
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (10 * 16, 3 * 16)
+    assert grid.shape == ((10 * 9 - 1) * 2, (3 * 9 - 1) * 2)
     for row in range(10):
-        assert np.all(grid[row * 16:(row + 1) * 16] == row * 20)
+        for col in range(3):
+            cell = grid[row * 18:row * 18 + 16, col * 18:col * 18 + 16]
+            assert np.all(cell == row * 20)
 
 
 def test_training_command_passes_the_demo_flags_to_image_train():
