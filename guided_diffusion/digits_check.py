@@ -22,6 +22,7 @@ here, in one place, so the export and the check cannot drift apart.
 
 import argparse
 import sys
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -326,7 +327,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         result = check_npz(args.samples, threshold=args.threshold)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         print(f"digits_check: {error}", file=sys.stderr)
         return 2
     print(result.format_table())

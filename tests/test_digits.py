@@ -197,3 +197,10 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert digits_check.main([str(tmp_path / "unlabelled.npz")]) == 2
     assert "class_cond" in capsys.readouterr().err
     assert digits_check.main([str(tmp_path / "missing.npz")]) == 2
+    assert "image_sample.py" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_file_that_is_not_npz(tmp_path, capsys):
+    (tmp_path / "notes.npz").write_text("not an array file")
+    assert digits_check.main([str(tmp_path / "notes.npz")]) == 2
+    assert "digits_check:" in capsys.readouterr().err
