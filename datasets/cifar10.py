@@ -176,7 +176,7 @@ def convert(source_path, out_dir, splits=("train", "test")):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("source", help="cifar-10-python.tar.gz or the folder of its extracted batches")
     parser.add_argument("out_dir", help="folder that receives train/ and test/")
     parser.add_argument(

@@ -72,7 +72,7 @@ def export_digits(out_dir, image_size=DIGIT_SIZE, rgb=False, holdout_fraction=0.
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out_dir", required=True, help="folder to write the PNGs into")
     parser.add_argument(
         "--image_size", type=int, default=DIGIT_SIZE,

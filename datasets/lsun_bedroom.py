@@ -87,7 +87,7 @@ def export(lmdb_path, out_dir, image_size=256, prefix="bedroom", max_images=None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("lmdb_path", help="LSUN lmdb folder, e.g. bedroom_train_lmdb")
     parser.add_argument("out_dir", help="folder to write the PNGs into")
     parser.add_argument(

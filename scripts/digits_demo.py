@@ -245,7 +245,7 @@ def run(out_dir, quick=False, seed=0, max_steps=None, threads=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].replace("\n", " "))
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out_dir", default="digits_demo", help="folder for data, checkpoints and samples (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run of every step (not scored)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling (default %(default)s)")
