@@ -138,7 +138,7 @@ def _last_progress(log_dir):
         return None
 
 
-def train(command, log_dir, max_steps, poll_seconds=5.0, env=None):
+def train(command, log_dir, max_steps, ema_rate, poll_seconds=5.0, env=None):
     """Run the training command, print one progress line per poll; returns the EMA checkpoint."""
     os.makedirs(log_dir, exist_ok=True)
     output_path = os.path.join(log_dir, "train_output.txt")
@@ -163,10 +163,15 @@ def train(command, log_dir, max_steps, poll_seconds=5.0, env=None):
             f"training failed with exit status {process.returncode}; the end of its output "
             f"({output_path}):\n{tail}"
         )
-    checkpoints = sorted(glob.glob(os.path.join(log_dir, "ema_*_*.pt")))
-    if not checkpoints:
-        raise RuntimeError(f"training finished but wrote no EMA checkpoint in {log_dir}.")
-    return checkpoints[-1]
+    # The final set is named after the step count; older files in log_dir may be from earlier runs.
+    checkpoint = os.path.join(log_dir, f"ema_{ema_rate}_{max_steps:06d}.pt")
+    if not os.path.isfile(checkpoint):
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(log_dir, "ema_*.pt")))
+        raise RuntimeError(
+            f"training finished but wrote no {os.path.basename(checkpoint)} in {log_dir} "
+            f"(found {found}); see {output_path}."
+        )
+    return checkpoint
 
 
 @torch.no_grad()
@@ -223,11 +228,12 @@ def run(out_dir, quick=False, seed=0, max_steps=None, threads=1):
     print(f"[2/4] training for {train_flags['max_steps']} steps (log: {os.path.abspath(log_dir)})", flush=True)
     checkpoint = train(
         train_command(data_dir, log_dir, model_flags, train_flags, seed), log_dir,
-        train_flags["max_steps"], poll_seconds=1.0 if quick else 10.0, env=thread_env(threads),
+        train_flags["max_steps"], train_flags["ema_rate"], poll_seconds=1.0 if quick else 10.0,
+        env=thread_env(threads),
     )
-    print(f"  trained in {time.time() - start:.0f} s", flush=True)
+    print(f"  training done, {time.time() - start:.0f} s since the start", flush=True)
 
-    print(f"[3/4] sampling {per_class} of each digit with {respacing}", flush=True)
+    print(f"[3/4] sampling {per_class} of each digit with {respacing} DDPM steps", flush=True)
     images, labels = sample_every_class(checkpoint, model_flags, respacing, per_class, seed)
     sample_dir = os.path.join(out_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
