@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import perf
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     SiLU,
@@ -57,15 +58,35 @@ def attention_sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def attention(q, k, v):
-    """The attention used by the blocks: SDPA, except float16 on CPU.
+def attention_bmm(q, k, v):
+    """The same attention as `attention_reference`, as two batched matmuls with one scale.
 
-    float16 on CPU takes `attention_reference`, which rounds the logits and weights
-    to float16 like the original; SDPA skips those roundings and drifts measurably
-    from the original's fp16 training. On GPUs float16 keeps the fused SDPA kernels.
+    What the CPU runs: SDPA's CPU path for these 3-D tensors is its generic one, with
+    extra masking passes and copies, and the original's einsums pay two scaled copies
+    of q and k; this scales the product in place instead. Same shapes as
+    `attention_reference`; float32 in, float32 softmax.
     """
-    if q.dtype == torch.float16 and q.device.type == "cpu":
+    weight = torch.bmm(q.transpose(1, 2), k)
+    weight = torch.softmax(weight.mul_(q.shape[1] ** -0.5), dim=-1)
+    return torch.bmm(v, weight.transpose(1, 2))
+
+
+def attention(q, k, v):
+    """The attention used by the blocks.
+
+    GPUs: `attention_sdpa` (flash / memory-efficient kernels). CPU: `attention_bmm`
+    for float32 (fast path ``cpu_attention``), and `attention_reference` for float16,
+    which rounds the logits and weights to float16 like the original (SDPA skips those
+    roundings and drifts measurably from the original's fp16 training). With the
+    ``sdpa`` fast path off, `attention_reference` everywhere.
+    """
+    if not perf.enabled("sdpa"):
         return attention_reference(q, k, v)
+    if q.device.type == "cpu":
+        if q.dtype == torch.float16:
+            return attention_reference(q, k, v)
+        if perf.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
+            return attention_bmm(q, k, v)
     return attention_sdpa(q, k, v)
 
 
@@ -248,6 +269,28 @@ def _check_channels(x, expected, where):
         raise ValueError(f"{where} expects {expected} input channels but got a tensor of shape {tuple(x.shape)}.")
 
 
+def output_is_private(modules):
+    """Whether the output the ``modules`` returned may be overwritten in place by their caller.
+
+    Only when the ``inplace`` fast path is on and no forward hook (on any of them, or
+    global) has seen the output: feature-extraction code that hooks a layer must find
+    exactly what the layer returned. Autograd never needs a convolution's output, so
+    overwriting one is safe for gradients.
+    """
+    return (
+        perf.enabled("inplace")
+        and not any(m._forward_hooks for m in modules)
+        and not nn.modules.module._global_forward_hooks
+    )
+
+
+def _add(fresh, other, owners):
+    """``fresh + other``, written into ``fresh`` (what ``owners`` returned) when that is private."""
+    if output_is_private(owners):
+        return fresh.add_(other)
+    return fresh + other
+
+
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding, optionally changing size and width.
 
@@ -283,9 +326,10 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         out_ch = self.out_channels
 
+        in_norm = normalization(channels)
         self.in_layers = nn.Sequential(
-            normalization(channels),
-            SiLU(),
+            in_norm,
+            SiLU().follows(in_norm),
             conv_nd(dims, channels, out_ch, 3, padding=1),
         )
         self.updown = up or down
@@ -301,9 +345,10 @@ class ResBlock(TimestepBlock):
             SiLU(),
             linear(emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch),
         )
+        out_norm = normalization(out_ch)
         self.out_layers = nn.Sequential(
-            normalization(out_ch),
-            SiLU(),
+            out_norm,
+            SiLU().follows(out_norm),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1)),
         )
@@ -327,15 +372,15 @@ class ResBlock(TimestepBlock):
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
-        # In-place adds below only touch fresh convolution / product outputs, which
-        # autograd does not keep, so they save allocations without changing any number.
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = (self.out_layers[0](h) * (1 + scale)).add_(shift)
+            h = (self.out_layers[0](h) * (1 + scale)).add_(shift)  # a fresh product: ours to change
             h = self.out_layers[1:](h)
         else:
-            h = self.out_layers(h.add_(emb_out))
-        return h.add_(self.skip_connection(x))
+            owners = (self.in_layers[-1],) if self.updown else (self.in_layers, self.in_layers[-1])
+            h = self.out_layers(_add(h, emb_out, owners))
+            return _add(h, self.skip_connection(x), (self.out_layers, self.out_layers[-1]))
+        return _add(h, self.skip_connection(x), (self.out_layers[-1],))
 
 
 class AttentionBlock(nn.Module):
@@ -387,7 +432,7 @@ class AttentionBlock(nn.Module):
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return h.add_(x).reshape(batch, channels, *spatial)  # proj_out's fresh output: safe in place
+        return _add(h, x, (self.proj_out,)).reshape(batch, channels, *spatial)
 
 
 # ---------------------------------------------------------------------------
@@ -526,6 +571,7 @@ class UNetModel(nn.Module):
         use_new_attention_order=False,  # QKVAttention instead of QKVAttentionLegacy
     ):
         super().__init__()
+        perf.tune_allocator()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
@@ -572,9 +618,10 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
+        out_norm = normalization(ch)
         self.out = nn.Sequential(
-            normalization(ch),
-            SiLU(),
+            out_norm,
+            SiLU().follows(out_norm),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 
@@ -677,6 +724,7 @@ class EncoderUNetModel(nn.Module):
         pool="adaptive",
     ):
         super().__init__()
+        perf.tune_allocator()
         if pool not in ("adaptive", "attention", "spatial", "spatial_v2"):
             raise NotImplementedError(
                 f"unknown classifier pool {pool!r}; choose --classifier_pool adaptive, attention, spatial "

@@ -1,0 +1,267 @@
+"""Speed switches: the default fast paths, and the opt-in performance flags of the scripts.
+
+Two kinds of switch live here.
+
+*Fast paths* are on by default because they give the same float32 numbers as the
+plain code (bit for bit, or within float rounding where the plain code is itself
+only defined up to rounding, like the order of a sum). Each has a name, so that its
+effect can be measured and, if ever needed, turned off::
+
+    GUIDED_DIFFUSION_DISABLE=allocator,cpu_attention python scripts/image_sample.py ...
+    python benchmarks/bench.py --disable allocator
+
+or in code, ``perf.disable("inplace")`` / ``with perf.disabled("inplace"): ...``.
+
+*Performance flags* change the numbers (other kernels, other precisions), so they
+are off unless asked for: ``--compile``, ``--channels_last``, ``--use_bf16``,
+``--tf32`` and ``--fused_adam``. `add_perf_flags` puts them on a script's parser
+(every training and sampling script calls it), and `configure_backends`,
+`prepare_model`, `autocast` and `compile_model` apply them. See docs/performance.md.
+"""
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import torch
+
+ENV_VAR = "GUIDED_DIFFUSION_DISABLE"
+
+# name -> what turning it off brings back.
+FAST_PATHS = {
+    "allocator": "glibc's default malloc thresholds on Linux (big CPU tensors mmap'ed and "
+                 "unmapped on every allocation, paying page faults each time)",
+    "cpu_attention": "scaled_dot_product_attention on CPU too (its 3-D CPU path is the slow "
+                     "generic one); on GPU attention always uses SDPA's fused kernels",
+    "sdpa": "the original's einsum attention everywhere (two scaled einsums and a softmax)",
+    "inplace": "out-of-place activations and residual adds (one extra tensor per op)",
+    "cached_tables": "rebuilding the float64 coefficient tables on the device at every lookup",
+    "foreach": "per-tensor EMA and gradient-norm loops",
+}
+
+_disabled = set()
+
+
+def _check_names(names):
+    unknown = sorted(set(names) - set(FAST_PATHS))
+    if unknown:
+        raise ValueError(
+            f"unknown fast path(s) {', '.join(map(repr, unknown))}; the fast paths are "
+            f"{', '.join(FAST_PATHS)} (set {ENV_VAR}=name,name or bench.py --disable name,name)."
+        )
+
+
+def _names(text):
+    return [n.strip() for n in str(text).split(",") if n.strip()]
+
+
+def _read_env():
+    names = _names(os.environ.get(ENV_VAR, ""))
+    if "all" in names:
+        names = list(FAST_PATHS)
+    _check_names(names)
+    _disabled.clear()
+    _disabled.update(names)
+
+
+def enabled(name):
+    """Whether the fast path ``name`` (a key of `FAST_PATHS`) is on."""
+    if name not in FAST_PATHS:
+        _check_names([name])
+    return name not in _disabled
+
+
+def disable(*names):
+    """Turn fast paths off for the rest of the process."""
+    _check_names(names)
+    _disabled.update(names)
+
+
+def enable(*names):
+    """Turn fast paths back on."""
+    _check_names(names)
+    _disabled.difference_update(names)
+
+
+@contextlib.contextmanager
+def disabled(*names):
+    """Run a block with the given fast paths off (``names`` empty: all of them)."""
+    names = names or tuple(FAST_PATHS)
+    _check_names(names)
+    before = set(_disabled)
+    _disabled.update(names)
+    try:
+        yield
+    finally:
+        _disabled.clear()
+        _disabled.update(before)
+
+
+_read_env()
+
+
+# ---------------------------------------------------------------------------- allocator
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit systems
+_TRIM_THRESHOLD = 512 * 2**20   # free heap memory kept for reuse before returning it to the OS
+_allocator_tuned = False
+
+
+def tune_allocator():
+    """Let glibc reuse freed CPU tensor memory instead of unmapping and re-faulting it.
+
+    By default glibc serves allocations above a (dynamic) threshold with fresh
+    ``mmap`` calls and hands them back on free, so every activation of a UNet forward
+    pass pays one page fault per 4 KiB; the original spends a large share of its CPU
+    sampling time there. Raising the mmap and trim thresholds keeps those pages in
+    the heap. Numbers are unaffected. Runs once per process, on Linux with glibc
+    only, and not at all when the ``allocator`` fast path is disabled. Returns
+    whether the thresholds were changed.
+    """
+    global _allocator_tuned
+    if _allocator_tuned or not enabled("allocator") or not sys.platform.startswith("linux"):
+        return _allocator_tuned
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+    _allocator_tuned = ok
+    return ok
+
+
+# ---------------------------------------------------------------------------- flags
+
+PERF_FLAGS = {
+    # name: (default, help)
+    "compile": (False, "torch.compile the model (training and sampling; CPU and GPU). The first "
+                       "steps are slow while it compiles"),
+    "channels_last": (False, "keep the network's weights and activations in channels-last memory "
+                             "format (faster convolutions on most hardware; float rounding differs)"),
+    "use_bf16": (False, "run the network under bfloat16 autocast (weights and the diffusion maths "
+                        "stay float32); the original float16 scheme stays available as --use_fp16"),
+    "tf32": (False, "allow TF32 tensor-core matmuls and convolutions on NVIDIA GPUs (Ampere and "
+                    "later); no effect on CPU"),
+}
+TRAIN_PERF_FLAGS = {
+    "fused_adam": (False, "use the fused AdamW kernel on GPU (faster; rounds differently from the "
+                          "original's multi-tensor AdamW)"),
+}
+
+
+def perf_defaults(training=False):
+    """The performance flags and their defaults (all off), as a flag dict."""
+    flags = {k: d for k, (d, _) in PERF_FLAGS.items()}
+    if training:
+        flags.update({k: d for k, (d, _) in TRAIN_PERF_FLAGS.items()})
+    return flags
+
+
+def _bool(text):
+    from .script_util import str2bool
+
+    return str2bool(text)
+
+
+def add_perf_flags(parser, training=False):
+    """Add ``--compile``, ``--channels_last``, ``--use_bf16``, ``--tf32`` (and ``--fused_adam``).
+
+    Each accepts a bare flag or an explicit value (``--compile``, ``--compile True``).
+    """
+    table = dict(PERF_FLAGS, **(TRAIN_PERF_FLAGS if training else {}))
+    existing = {a.dest for a in parser._actions}
+    for name, (default, text) in table.items():
+        if name not in existing:
+            parser.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=default,
+                                help=f"{text} (default: {default})")
+
+
+def _flag(args, name):
+    return bool(getattr(args, name, False))
+
+
+def check_flags(args, device):
+    """Refuse flag combinations that cannot work, naming the flags."""
+    if _flag(args, "use_bf16") and getattr(args, "use_fp16", False):
+        raise ValueError(
+            "--use_bf16 and --use_fp16 are two different mixed-precision schemes; pass only one "
+            "(--use_fp16 True is the original's float16 torso, --use_bf16 is bfloat16 autocast)."
+        )
+    if _flag(args, "use_bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"--use_bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has "
+            "none. Use --use_fp16 True instead."
+        )
+
+
+def configure_backends(args, device=None):
+    """Apply the process-wide switches (``--tf32``) and check the flags against ``device``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    check_flags(args, device)
+    if torch.cuda.is_available():
+        tf32 = _flag(args, "tf32")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def prepare_model(model, args):
+    """Apply ``--channels_last`` to ``model`` in place and return it."""
+    if _flag(args, "channels_last"):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(args, device):
+    """The autocast context of ``--use_bf16`` on ``device`` (a no-op context otherwise)."""
+    device = torch.device(device)
+    if _flag(args, "use_bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_model(model, args):
+    """``torch.compile(model)`` with ``--compile``, else ``model`` itself.
+
+    The compiled wrapper shares the parameters of ``model``; keep using ``model``
+    for ``state_dict``/``load_state_dict`` (the wrapper's keys carry a ``_orig_mod.`` prefix).
+    """
+    if _flag(args, "compile"):
+        return torch.compile(model)
+    return model
+
+
+class AutocastModel:
+    """Calls ``model`` under bfloat16 autocast; what the sampling loops get with ``--use_bf16``."""
+
+    def __init__(self, model, device):
+        self.model = model
+        self.device = torch.device(device)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
+
+
+def inference_model(model, args, device):
+    """The model callable a sampling script hands to the loops, with the performance flags applied.
+
+    ``--channels_last`` converts ``model`` in place; ``--compile`` and ``--use_bf16``
+    wrap it. ``model`` itself keeps its state_dict keys.
+    """
+    configure_backends(args, device)
+    prepare_model(model, args)
+    fn = compile_model(model, args)
+    if _flag(args, "use_bf16"):
+        fn = AutocastModel(fn, device)
+    return fn
