@@ -9,7 +9,7 @@ and optimizer states keep the same layout.
 import torch
 import torch.nn as nn
 
-from . import logger
+from . import logger, perf
 
 _HALF_CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -138,6 +138,10 @@ def check_overflow(value):
     return value == float("inf") or value == -float("inf") or value != value
 
 
+def _norm_each(tensors):
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
 def _norms(params, grad_scale):
     """(gradient norm / grad_scale, parameter norm) over all ``params``, with one host sync.
 
@@ -146,8 +150,9 @@ def _norms(params, grad_scale):
     """
     values = [p.detach() for p in params]
     grads = [p.grad.detach() for p in params if p.grad is not None]
-    param_norms = torch.stack(torch._foreach_norm(values)).double() if values else torch.zeros(1)
-    grad_norms = torch.stack(torch._foreach_norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
+    norm = torch._foreach_norm if perf.enabled("foreach") else _norm_each
+    param_norms = torch.stack(norm(values)).double() if values else torch.zeros(1)
+    grad_norms = torch.stack(norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
     both = torch.stack([grad_norms.to(param_norms.device).square().sum(), param_norms.square().sum()]).sqrt()
     grad_norm, param_norm = both.tolist()
     return grad_norm / grad_scale, param_norm

@@ -190,11 +190,12 @@ def _flag(args, name):
 
 def check_flags(args, device):
     """Refuse flag combinations that cannot work, naming the flags."""
-    if _flag(args, "use_bf16") and getattr(args, "use_fp16", False):
-        raise ValueError(
-            "--use_bf16 and --use_fp16 are two different mixed-precision schemes; pass only one "
-            "(--use_fp16 True is the original's float16 torso, --use_bf16 is bfloat16 autocast)."
-        )
+    for fp16 in ("use_fp16", "classifier_use_fp16"):
+        if _flag(args, "use_bf16") and _flag(args, fp16):
+            raise ValueError(
+                f"--use_bf16 and --{fp16} are two different mixed-precision schemes; pass only one "
+                f"(--{fp16} True is the original's float16 torso, --use_bf16 is bfloat16 autocast)."
+            )
     if _flag(args, "use_bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(
             f"--use_bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has "

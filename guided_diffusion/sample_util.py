@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import perf
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 GRID_MAX_IMAGES = 64  # the PNG grid beside the npz shows at most this many images
 
@@ -68,6 +70,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
     )
     parser.add_argument("--save_png", action="store_true", help="also write one PNG per image")
     parser.add_argument("--progress", action="store_true", help="show a progress bar over diffusion steps")
+    perf.add_perf_flags(parser)
     if class_choice:
         parser.add_argument(
             "--class_label", type=int, default=-1,

@@ -19,6 +19,7 @@ index N (iterations count from 0), except the final save of a run, which is
 named after the number of iterations done (the original's convention).
 """
 
+import contextlib
 import copy
 import os
 import random
@@ -30,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from . import dist_util, logger
+from . import dist_util, logger, perf
 from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
+from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 
 STATE_FORMAT = 1
@@ -253,7 +255,10 @@ def _parse_ema_rates(ema_rate):
 
 
 def _update_ema(targets, sources, rate):
-    """target = rate * target + (1 - rate) * source, for every pair at once."""
+    """target = rate * target + (1 - rate) * source, for every pair at once (fast path ``foreach``)."""
+    if not perf.enabled("foreach"):
+        update_ema(targets, sources, rate)
+        return
     with torch.no_grad():
         targets = [t.detach() for t in targets]
         torch._foreach_mul_(targets, rate)
@@ -289,6 +294,9 @@ class TrainLoop:
         lr_anneal_steps=0,          # decay lr linearly to 0 over this many iterations and stop (0: off)
         max_steps=0,                # stop after this many iterations (0: no limit)
         restore_data_position=True, # on exact resume, skip the batches already consumed
+        compile=False,              # torch.compile the network for the forward/backward passes
+        use_bf16=False,             # bfloat16 autocast around the forward pass (not with use_fp16)
+        fused_adam=False,           # fused AdamW kernel (GPU; rounds differently from the original)
     ):
         self.model = model
         self.diffusion = diffusion
@@ -306,6 +314,8 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.restore_data_position = restore_data_position
+        self.use_bf16 = use_bf16
+        perf.check_flags(_Flags(use_bf16=use_bf16, use_fp16=use_fp16), dist_util.dev())
         if log_interval <= 0 or save_interval <= 0:
             raise ValueError(
                 f"--log_interval and --save_interval must be positive; got {log_interval} and {save_interval}"
@@ -326,7 +336,7 @@ class TrainLoop:
             model=self.model, use_fp16=self.use_fp16, fp16_scale_growth=fp16_scale_growth
         )
         self.opt = torch.optim.AdamW(
-            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay, **_adamw_speed_options()
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay, **_adamw_speed_options(fused_adam)
         )
         if self.resume_checkpoint:
             self._load_optimizer_state()
@@ -347,6 +357,9 @@ class TrainLoop:
             )
         else:
             self.ddp_model = self.model
+        if compile:
+            # The compiled wrapper shares the parameters; checkpoints still come from self.model.
+            self.ddp_model = torch.compile(self.ddp_model)
 
     # -- resume -----------------------------------------------------------
 
@@ -473,11 +486,9 @@ class TrainLoop:
             micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
-            if last_batch or not self.use_ddp:
+            sync = contextlib.nullcontext() if last_batch or not self.use_ddp else self.ddp_model.no_sync()
+            with sync, perf.autocast(_Flags(use_bf16=self.use_bf16), dist_util.dev()):
                 losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
-            else:
-                with self.ddp_model.no_sync():
-                    losses = self.diffusion.training_losses(self.ddp_model, micro, t, model_kwargs=micro_cond)
             if isinstance(self.schedule_sampler, LossAwareSampler):
                 self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
             loss = (losses["loss"] * weights).mean()
@@ -568,15 +579,23 @@ def _test_pause(name_step):
         time.sleep(float(seconds))
 
 
-def _adamw_speed_options():
-    """Fused AdamW on CUDA; the default (single-tensor) implementation on CPU.
+class _Flags:
+    """A stand-in for parsed flags, for the perf helpers."""
 
-    The CPU default keeps the original's float32 rounding, on which the golden
-    training fixtures depend.
+    def __init__(self, **flags):
+        self.__dict__.update(flags)
+
+
+def _adamw_speed_options(fused=False):
+    """AdamW implementation options: multi-tensor (foreach) by default, fused when asked.
+
+    The foreach implementation rounds exactly like the single-tensor loop that the
+    original gets on CPU (and is what it gets on CUDA), so it is a fast path
+    (``foreach``). The fused kernel (``--fused_adam``, GPU only) rounds differently.
     """
-    if torch.cuda.is_available():
+    if fused:
         return {"fused": True}
-    return {}
+    return {"foreach": True} if perf.enabled("foreach") else {"foreach": False}
 
 
 def _load_weights(model, state_dict, source):

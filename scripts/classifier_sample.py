@@ -20,7 +20,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
     sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from guided_diffusion import dist_util, logger, sample_util  # noqa: E402
+from guided_diffusion import dist_util, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     classifier_defaults,
@@ -85,9 +85,11 @@ def main(argv=None):
     )
     cond_fn = sample_util.classifier_cond_fn(classifier, args.classifier_scale)
 
+    network = perf.inference_model(model, args, dist_util.dev())
+
     def model_fn(x, t, y=None):
         # The labels reach the diffusion model only when it was trained with them.
-        return model(x, t, y if args.class_cond else None)
+        return network(x, t, y if args.class_cond else None)
 
     def conditioning(index, size, seed):
         labels = sample_util.draw_labels(

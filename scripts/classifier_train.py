@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from guided_diffusion import checkpoints, dist_util, logger
+from guided_diffusion import checkpoints, dist_util, logger, perf
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -75,7 +75,11 @@ class ClassifierTrainer:
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
             )
-        self.opt = torch.optim.AdamW(self.mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay)
+        self.model = perf.compile_model(self.model, args)
+        adam_options = {"fused": True} if getattr(args, "fused_adam", False) else {"foreach": perf.enabled("foreach")}
+        self.opt = torch.optim.AdamW(
+            self.mp_trainer.master_params, lr=args.lr, weight_decay=args.weight_decay, **adam_options
+        )
         if self.resume_checkpoint:
             opt_path = os.path.join(os.path.dirname(self.resume_checkpoint), f"opt{self.resume_step:06d}.pt")
             if os.path.exists(opt_path):
@@ -98,7 +102,8 @@ class ClassifierTrainer:
         microbatch = self.args.microbatch if self.args.microbatch > 0 else batch.shape[0]
         for i in range(0, batch.shape[0], microbatch):
             sub_batch, sub_labels, sub_t = batch[i : i + microbatch], labels[i : i + microbatch], t[i : i + microbatch]
-            logits = self.model(sub_batch, timesteps=sub_t)
+            with perf.autocast(self.args, dist_util.dev()):
+                logits = self.model(sub_batch, timesteps=sub_t)
             loss = F.cross_entropy(logits, sub_labels, reduction="none")
             log_loss_dict(self.diffusion, sub_t, {
                 f"{prefix}_loss": loss.detach(),
@@ -157,6 +162,8 @@ def main(argv=None):
     keys = list(classifier_and_diffusion_defaults()) + list(classifier_extra_defaults())
     model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, keys))
     model.to(dist_util.dev())
+    perf.configure_backends(args, dist_util.dev())
+    perf.prepare_model(model, args)
     trainer = ClassifierTrainer(args, model, diffusion)
 
     logger.log("creating data loader...")
@@ -193,6 +200,7 @@ def create_argparser():
     defaults.update(training_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults)
+    perf.add_perf_flags(parser, training=True)
     return parser
 
 

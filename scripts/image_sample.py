@@ -19,7 +19,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
     sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from guided_diffusion import dist_util, logger, sample_util  # noqa: E402
+from guided_diffusion import dist_util, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     create_model_and_diffusion,
@@ -69,7 +69,7 @@ def main(argv=None):
     path = sample_util.generate_and_save(
         args,
         diffusion=diffusion,
-        model_fn=model,
+        model_fn=perf.inference_model(model, args, dist_util.dev()),
         image_shape=(args.in_channels, args.image_size, args.image_size),
         conditioning=conditioning,
         with_labels=args.class_cond,

@@ -23,7 +23,7 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, logger, sample_util  # noqa: E402
+from guided_diffusion import dist_util, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     parse_args_with_presets,
@@ -85,7 +85,7 @@ def main(argv=None):
     path = sample_util.generate_and_save(
         args,
         diffusion=diffusion,
-        model_fn=model,
+        model_fn=perf.inference_model(model, args, dist_util.dev()),
         image_shape=(channels, args.large_size, args.large_size),
         conditioning=conditioning,
         with_labels=args.class_cond,

@@ -17,7 +17,7 @@ except ImportError:  # running from a checkout without installing the package
 
 import torch.nn.functional as F
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, logger, perf
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -56,6 +56,8 @@ def main(argv=None):
     keys = list(sr_model_and_diffusion_defaults()) + list(sr_extra_defaults())
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, keys))
     model.to(dist_util.dev())
+    perf.configure_backends(args, dist_util.dev())
+    perf.prepare_model(model, args)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -83,6 +85,9 @@ def main(argv=None):
         lr_anneal_steps=args.lr_anneal_steps,
         max_steps=args.max_steps,
         restore_data_position=args.exact_resume,
+        compile=args.compile,
+        use_bf16=args.use_bf16,
+        fused_adam=args.fused_adam,
     ).run_loop()
 
 
@@ -107,6 +112,7 @@ def create_argparser():
     defaults.update(training_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults)
+    perf.add_perf_flags(parser, training=True)
     return parser
 
 
