@@ -81,8 +81,19 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 @torch.no_grad()
 def update_ema(target_params, source_params, rate=0.99):
-    """Move each target tensor towards its source in place: targ = rate * targ + (1 - rate) * src."""
-    for targ, src in zip(target_params, source_params):
+    """Move each target tensor towards its source in place: targ = rate * targ + (1 - rate) * src.
+
+    All pairs at once with multi-tensor (foreach) kernels, the same arithmetic as a
+    per-tensor loop (fast path ``foreach``).
+    """
+    pairs = list(zip(target_params, source_params))  # zip's pairing, as in the original
+    targets = [t.detach() for t, _ in pairs]
+    sources = [s.detach() for _, s in pairs]
+    if perf.enabled("foreach") and targets:
+        torch._foreach_mul_(targets, rate)
+        torch._foreach_add_(targets, sources, alpha=1 - rate)
+        return
+    for targ, src in zip(targets, sources):
         targ.mul_(rate).add_(src, alpha=1 - rate)
 
 

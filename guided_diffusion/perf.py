@@ -228,15 +228,20 @@ def autocast(args, device):
     return contextlib.nullcontext()
 
 
-def compile_model(model, args):
+def compile_model(model, args, inference=False):
     """``torch.compile(model)`` with ``--compile``, else ``model`` itself.
 
     The compiled wrapper shares the parameters of ``model``; keep using ``model``
     for ``state_dict``/``load_state_dict`` (the wrapper's keys carry a ``_orig_mod.`` prefix).
+    With ``inference``, Inductor's freezing is on: under ``torch.no_grad`` the weights
+    are folded in as constants and prepacked for the convolution kernels, so the
+    weights must not change afterwards (sampling only).
     """
-    if _flag(args, "compile"):
-        return torch.compile(model)
-    return model
+    if not _flag(args, "compile"):
+        return model
+    if inference:
+        return torch.compile(model, options={"freezing": True})
+    return torch.compile(model)
 
 
 class AutocastModel:
@@ -262,7 +267,7 @@ def inference_model(model, args, device):
     """
     configure_backends(args, device)
     prepare_model(model, args)
-    fn = compile_model(model, args)
+    fn = compile_model(model, args, inference=True)
     if _flag(args, "use_bf16"):
         fn = AutocastModel(fn, device)
     return fn

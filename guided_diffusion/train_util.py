@@ -256,13 +256,7 @@ def _parse_ema_rates(ema_rate):
 
 def _update_ema(targets, sources, rate):
     """target = rate * target + (1 - rate) * source, for every pair at once (fast path ``foreach``)."""
-    if not perf.enabled("foreach"):
-        update_ema(targets, sources, rate)
-        return
-    with torch.no_grad():
-        targets = [t.detach() for t in targets]
-        torch._foreach_mul_(targets, rate)
-        torch._foreach_add_(targets, [s.detach() for s in sources], alpha=1 - rate)
+    update_ema(targets, sources, rate)
 
 
 class TrainLoop:

@@ -62,13 +62,12 @@ def attention_bmm(q, k, v):
     """The same attention as `attention_reference`, as two batched matmuls with one scale.
 
     What the CPU runs: SDPA's CPU path for these 3-D tensors is its generic one, with
-    extra masking passes and copies, and the original's einsums pay two scaled copies
-    of q and k; this scales the product in place instead. Same shapes as
-    `attention_reference`; float32 in, float32 softmax.
+    extra masking passes and copies, and the original's einsums scale both q and k;
+    this scales q alone, by C^(-1/2) (the [C, T] operand is smaller than the [T, T]
+    product). Same shapes as `attention_reference`; the softmax runs in q's dtype.
     """
-    weight = torch.bmm(q.transpose(1, 2), k)
-    weight = torch.softmax(weight.mul_(q.shape[1] ** -0.5), dim=-1)
-    return torch.bmm(v, weight.transpose(1, 2))
+    weight = torch.bmm((q * q.shape[1] ** -0.5).transpose(1, 2), k)
+    return torch.bmm(v, torch.softmax(weight, dim=-1).transpose(1, 2))
 
 
 def attention(q, k, v):

@@ -1,0 +1,315 @@
+"""Fast paths give the plain path's numbers; the performance flags parse and reach the model."""
+
+import argparse
+import sys
+
+import pytest
+import torch
+
+from guided_diffusion import nn as gnn
+from guided_diffusion import perf, script_util
+from guided_diffusion import unet as U
+from guided_diffusion.train_util import _adamw_speed_options
+
+# bfloat16 keeps 8 mantissa bits: relative error ~2^-8 per op; through a UNet the
+# outputs differ from float32 by a few percent of their scale (documented in
+# docs/performance.md).
+BF16_TOLERANCE = 0.1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def tiny_unet(**kw):
+    """A 2-level, 32-channel UNet with attention at 8x8 for 16x16 inputs, every weight non-zero."""
+    args = dict(
+        image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+        attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
+    )
+    args.update(kw)
+    torch.manual_seed(0)
+    model = U.UNetModel(**args)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() > 1 else 0.05))
+    return model
+
+
+def inputs(batch=2, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=gen), torch.tensor([3, 700][:batch])
+
+
+# --------------------------------------------------------------------- switches
+
+
+def test_env_var_turns_named_fast_paths_off(monkeypatch):
+    monkeypatch.setenv(perf.ENV_VAR, "allocator, inplace")
+    try:
+        perf._read_env()
+        assert not perf.enabled("allocator") and not perf.enabled("inplace")
+        assert perf.enabled("foreach")
+    finally:
+        monkeypatch.delenv(perf.ENV_VAR)
+        perf._read_env()
+    assert all(perf.enabled(name) for name in perf.FAST_PATHS)
+
+
+def test_unknown_fast_path_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown fast path.*'sdpaa'.*cpu_attention"):
+        perf.disable("sdpaa")
+
+
+def test_disabled_context_restores_the_switches():
+    with perf.disabled("inplace"):
+        assert not perf.enabled("inplace")
+        with perf.disabled():
+            assert not any(perf.enabled(n) for n in perf.FAST_PATHS)
+        assert perf.enabled("foreach")
+    assert perf.enabled("inplace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux only")
+def test_allocator_tuning_is_applied_once_and_reports_it():
+    U.UNetModel(16, 3, 32, 3, 1, ())
+    assert perf.tune_allocator() is True
+    assert perf.tune_allocator() is True  # idempotent
+
+
+# --------------------------------------------------------------------- same numbers
+
+
+def test_cpu_attention_matches_the_original_formula():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 16, 64, generator=gen) for _ in range(3))
+    exact = U.attention_reference(q.double(), k.double(), v.double())
+    for fn in (U.attention_bmm, U.attention_reference, U.attention_sdpa):
+        assert (fn(q, k, v).double() - exact).abs().max() < 1e-6, fn.__name__
+
+
+@pytest.mark.parametrize("use_new_attention_order", [False, True])
+def test_unet_forward_is_the_same_with_every_fast_path_off(use_new_attention_order):
+    model = tiny_unet(use_new_attention_order=use_new_attention_order).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        fast = model(x, t)
+        with perf.disabled():
+            plain = model(x, t)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_adds_and_activations_change_no_bit():
+    model = tiny_unet(use_scale_shift_norm=False).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        fast = model(x, t)
+        with perf.disabled("inplace"):
+            plain = model(x, t)
+    assert torch.equal(fast, plain)
+
+
+def test_training_gradients_are_the_same_with_every_fast_path_off():
+    model = tiny_unet()
+    x, t = inputs()
+
+    def grads():
+        model.zero_grad()
+        model(x, t).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fast = grads()
+    with perf.disabled():
+        plain = grads()
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ddim_samples_are_the_same_with_every_fast_path_off():
+    model = tiny_unet().eval()
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=40, learn_sigma=True, noise_schedule="cosine", timestep_respacing="ddim4"
+    )
+
+    def sample():
+        torch.manual_seed(5)
+        return diffusion.ddim_sample_loop(model, (2, 3, 16, 16))
+
+    fast = sample()
+    with perf.disabled():
+        plain = sample()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_uncached_coefficient_tables_give_the_same_values():
+    diffusion = script_util.create_gaussian_diffusion(steps=50, noise_schedule="linear")
+    x = torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 17, 49])
+    fast = diffusion.q_posterior_mean_variance(x, x * 0.5, t)
+    with perf.disabled("cached_tables"):
+        plain = diffusion.q_posterior_mean_variance(x, x * 0.5, t)
+    for a, b in zip(fast, plain):
+        assert torch.equal(a, b)
+
+
+def test_foreach_adamw_rounds_exactly_like_the_per_tensor_loop():
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in [(8, 3, 3, 3), (8,), (16, 8, 1, 1)]]
+    results = []
+    for foreach in (True, False):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=foreach)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 1e-3
+            opt.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert _adamw_speed_options() == {"foreach": True}
+    assert _adamw_speed_options(fused=True) == {"fused": True}
+
+
+def test_foreach_ema_equals_the_per_tensor_update():
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(5, 4, generator=gen), torch.randn(7, generator=gen)]
+    fast = [torch.randn(5, 4, generator=gen), torch.randn(7, generator=gen)]
+    start = [t.clone() for t in fast]
+    plain = [t.clone() for t in fast]
+    gnn.update_ema(fast, sources, rate=0.9)
+    with perf.disabled("foreach"):
+        gnn.update_ema(plain, sources, rate=0.9)
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    torch.testing.assert_close(fast[1], 0.9 * start[1] + 0.1 * sources[1])
+
+
+# --------------------------------------------------------------------- hooks see what a layer returned
+
+
+def _capture(module, store):
+    def hook(_module, _inputs, output):
+        store.append((output, output.detach().clone()))
+
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_forward_hooks_on_inner_layers_see_unmodified_outputs(grad, scale_shift):
+    model = tiny_unet(use_scale_shift_norm=scale_shift)
+    block = model.input_blocks[1][0]
+    attn = model.input_blocks[3][1]
+    layers = [block.in_layers[0], block.in_layers, block.in_layers[-1], block.out_layers[0], block.out_layers[-1],
+              attn.proj_out, model.out[0]]
+    stores = [[] for _ in layers]
+    handles = [_capture(layer, store) for layer, store in zip(layers, stores)]
+    x, t = inputs()
+    with torch.set_grad_enabled(grad):
+        model(x, t)
+    for handle in handles:
+        handle.remove()
+    for layer, store in zip(layers, stores):
+        assert store, layer
+        for seen, copy in store:
+            assert torch.equal(seen, copy), f"{type(layer).__name__}'s output was changed after its hook ran"
+
+
+def test_global_forward_hooks_also_keep_outputs_unmodified():
+    model = tiny_unet().eval()
+    seen = []
+
+    def hook(module, _inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen.append((output, output.clone()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(*inputs())
+    finally:
+        handle.remove()
+    assert seen and all(torch.equal(a, b) for a, b in seen)
+
+
+# --------------------------------------------------------------------- opt-in flags
+
+
+def _perf_args(argv, training=False):
+    parser = argparse.ArgumentParser()
+    perf.add_perf_flags(parser, training=training)
+    return parser.parse_args(argv)
+
+
+def test_perf_flags_default_off_and_accept_bare_or_explicit_values():
+    args = _perf_args([], training=True)
+    assert vars(args) == perf.perf_defaults(training=True)
+    assert not any(vars(args).values())
+    args = _perf_args(["--compile", "--channels_last", "True", "--use_bf16", "false", "--fused_adam"], training=True)
+    assert (args.compile, args.channels_last, args.use_bf16, args.fused_adam) == (True, True, False, True)
+
+
+def test_training_and_sampling_scripts_have_the_perf_flags():
+    sys.path.insert(0, "scripts")
+    try:
+        import image_nll
+        import image_sample
+        import image_train
+    finally:
+        sys.path.remove("scripts")
+    train = image_train.create_argparser().parse_args(["--compile", "--use_bf16", "True", "--tf32"])
+    assert train.compile and train.use_bf16 and train.tf32 and not train.fused_adam
+    sample = image_sample.create_argparser().parse_args(["--channels_last"])
+    assert sample.channels_last and not sample.compile
+    nll = image_nll.create_argparser().parse_args(["--use_bf16"])
+    assert nll.use_bf16
+
+
+def test_channels_last_reaches_the_model_and_keeps_float32_numbers():
+    model = tiny_unet().eval()
+    x, t = inputs()
+    with torch.no_grad():
+        plain = model(x, t)
+        fn = perf.inference_model(model, _perf_args(["--channels_last"]), "cpu")
+        assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        fast = fn(x, t)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_reaches_the_model_within_its_tolerance():
+    model = tiny_unet().eval()
+    x, t = inputs()
+    with torch.no_grad():
+        plain = model(x, t)
+        fn = perf.inference_model(model, _perf_args(["--use_bf16"]), "cpu")
+        assert isinstance(fn, perf.AutocastModel)
+        low = fn(x, t)
+    assert low.dtype == torch.float32
+    error = (low - plain).abs().max() / plain.abs().max()
+    assert 0 < error < BF16_TOLERANCE
+
+
+def test_bf16_and_fp16_together_are_refused_naming_both_flags():
+    with pytest.raises(ValueError, match="--use_bf16 and --use_fp16"):
+        perf.check_flags(argparse.Namespace(use_bf16=True, use_fp16=True), torch.device("cpu"))
+
+
+def test_trainloop_takes_a_bf16_step(tmp_path):
+    from guided_diffusion import logger
+    from guided_diffusion.train_util import TrainLoop
+
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    model = tiny_unet()
+    diffusion = script_util.create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
+    x, _ = inputs(batch=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=iter([(x, {})] * 4), batch_size=2, microbatch=-1, lr=1e-3,
+        ema_rate="0.9", log_interval=100, save_interval=100, resume_checkpoint="", use_bf16=True,
+    )
+    loop.run_step(x, {})
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.dtype == torch.float32 for p in after)
