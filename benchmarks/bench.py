@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Speed and memory benchmarks for guided_diffusion, against the original code.
+
+Every measurement runs in a fresh worker process (so peak memory is that of one
+task alone), and the implementations are interleaved round by round (ours,
+original, ours, original, ...) so that machine load affects both alike.  The
+figure reported per (implementation, task) is the median over rounds.
+
+    python benchmarks/bench.py                                 # small config, CPU, fp32
+    python benchmarks/bench.py --tasks train,ddim --rounds 5
+    python benchmarks/bench.py --impls ours --compile --channels_last
+    python benchmarks/bench.py --config paper64 --precision bf16 --device cuda
+    python benchmarks/bench.py --impls ours --disable allocator,cpu_attention   # one fast path's effect
+    python benchmarks/bench.py --json results.json
+
+Implementations: `ours` is the package in this checkout; `original` is OpenAI's
+guided_diffusion as published on PyPI (guided-diffusion-sdk 1.0.0, which
+reproduces every golden scenario of tests/golden exactly).  It is downloaded
+into a cache folder on first use (`--original_dir` points at any other copy of
+the original package) and never imported into this process: workers get it on
+their PYTHONPATH.  Both are driven through the same public API, so the timed
+code is identical apart from the library underneath.
+
+Tasks:
+  train      one training step: forward, hybrid loss, backward, AdamW, EMA
+             (MixedPrecisionTrainer, as TrainLoop.run_step does)
+  ddim       DDIM sampling, 25 respaced steps
+  ddpm       DDPM (ancestral) sampling, 50 respaced steps
+  nll        calc_bpd_loop on one image (batch size 1)
+  trainloop  TrainLoop.run_loop for a few steps (including its checkpoint saves)
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_PACKAGE = "guided-diffusion-sdk==1.0.0"
+
+CONFIGS = {
+    # CPU-sized: the configuration of issue 8's measurements.
+    "small": dict(
+        image_size=32, num_channels=64, num_res_blocks=2, attention_resolutions="16,8",
+        learn_sigma=True, class_cond=False, num_heads=4, use_scale_shift_norm=True,
+        resblock_updown=False, channel_mult="1,2,2", dropout=0.0, diffusion_steps=1000,
+        noise_schedule="cosine", batch_size=16,
+    ),
+    # The released ADM ImageNet 64x64 class-conditional model.
+    "paper64": dict(
+        image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
+        learn_sigma=True, class_cond=True, num_head_channels=64, use_scale_shift_norm=True,
+        resblock_updown=True, use_new_attention_order=True, dropout=0.1, diffusion_steps=1000,
+        noise_schedule="cosine", batch_size=32,
+    ),
+    # The released ADM ImageNet 256x256 class-conditional model.
+    "paper256": dict(
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        learn_sigma=True, class_cond=True, num_head_channels=64, use_scale_shift_norm=True,
+        resblock_updown=True, dropout=0.0, diffusion_steps=1000, noise_schedule="linear",
+        batch_size=8,
+    ),
+}
+
+TASKS = ("train", "ddim", "ddpm", "nll", "trainloop")
+
+
+# ----------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------
+
+
+def original_dir(cache):
+    """Folder holding the original `guided_diffusion` package, fetched once from PyPI."""
+    cache = Path(cache)
+    target = cache / "guided_diffusion_sdk-1.0.0"
+    if (target / "guided_diffusion" / "gaussian_diffusion.py").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         "-d", str(cache), ORIGINAL_PACKAGE],
+        check=True,
+    )
+    with tarfile.open(cache / "guided_diffusion_sdk-1.0.0.tar.gz") as tar:
+        tar.extractall(cache, filter="data")
+    return target
+
+
+def run_worker(impl_path, task, args):
+    """Run one measurement in a fresh process; return its JSON record."""
+    env = dict(os.environ, PYTHONPATH=str(impl_path), OMP_NUM_THREADS=str(args.threads))
+    env["GUIDED_DIFFUSION_DISABLE"] = args.disable  # our fast paths to turn off (the original ignores it)
+    env.setdefault("OPENAI_LOGDIR", tempfile.mkdtemp(prefix="gd-bench-"))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task]
+    for flag in ("config", "precision", "device", "steps", "threads", "nll_steps", "nll_batch"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("compile", "channels_last", "tf32"):
+        if getattr(args, flag) and (args.flags_for == "both" or impl_path == ROOT):
+            cmd.append(f"--{flag}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def drive(args):
+    impls = {}
+    for name in args.impls.split(","):
+        if name == "ours":
+            impls[name] = ROOT
+        elif name == "original":
+            impls[name] = Path(args.original_dir) if args.original_dir else original_dir(args.cache)
+        else:
+            raise SystemExit(f"unknown implementation {name!r}: use ours and/or original (--impls)")
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        if task not in TASKS:
+            raise SystemExit(f"unknown task {task!r}: choose from {', '.join(TASKS)} (--tasks)")
+
+    records = {(i, t): [] for i in impls for t in tasks}
+    for r in range(args.rounds):
+        for task in tasks:
+            for impl, path in impls.items():
+                rec = run_worker(path, task, args)
+                records[(impl, task)].append(rec)
+                print(f"round {r + 1}/{args.rounds} {task:9s} {impl:8s} "
+                      + (f"{rec['images_per_s']:9.2f} img/s  peak {rec['peak_mb']:8.1f} MB"
+                         if "error" not in rec else f"ERROR {rec['error']}"), file=sys.stderr)
+
+    summary = []
+    for task in tasks:
+        row = {"task": task}
+        for impl in impls:
+            good = [x for x in records[(impl, task)] if "error" not in x]
+            if not good:
+                row[impl] = {"error": records[(impl, task)][0].get("error")}
+                continue
+            row[impl] = {
+                "images_per_s": statistics.median(x["images_per_s"] for x in good),
+                "peak_mb": statistics.median(x["peak_mb"] for x in good),
+                "rounds": len(good),
+            }
+        if "ours" in row and "original" in row and "error" not in row["ours"] and "error" not in row["original"]:
+            row["speedup"] = row["ours"]["images_per_s"] / row["original"]["images_per_s"]
+            row["memory_ratio"] = row["ours"]["peak_mb"] / row["original"]["peak_mb"]
+        summary.append(row)
+
+    header = f"{'task':10s}" + "".join(f"{impl + ' img/s':>16s}{impl + ' MB':>12s}" for impl in impls)
+    header += f"{'speedup':>10s}{'mem':>8s}"
+    print(header)
+    for row in summary:
+        line = f"{row['task']:10s}"
+        for impl in impls:
+            cell = row[impl]
+            line += (f"{cell['images_per_s']:16.2f}{cell['peak_mb']:12.1f}" if "error" not in cell
+                     else f"{'error':>16s}{'':>12s}")
+        if "speedup" in row:
+            line += f"{row['speedup']:9.2f}x{row['memory_ratio']:7.2f}x"
+        print(line)
+
+    meta = {
+        "config": args.config, "precision": args.precision, "device": args.device,
+        "threads": args.threads, "rounds": args.rounds, "compile": args.compile,
+        "channels_last": args.channels_last, "tf32": args.tf32, "nll_batch": args.nll_batch,
+        "flags_for": args.flags_for,
+        "disable": args.disable, "load_average": os.getloadavg(),
+        "machine": machine_description(args.device),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": summary}, indent=2))
+        print(f"wrote {Path(args.json).resolve()}")
+
+
+def machine_description(device):
+    import platform
+
+    desc = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if device == "cuda":
+        import torch
+
+        desc += f", {torch.cuda.get_device_name()}"
+    return desc
+
+
+# ----------------------------------------------------------------------------
+# Worker: runs inside a fresh process, with one implementation on sys.path
+# ----------------------------------------------------------------------------
+
+
+def peak_memory_mb(device):
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(args, respacing=""):
+    import torch
+    from guided_diffusion import script_util
+
+    cfg = dict(CONFIGS[args.config])
+    batch_size = cfg.pop("batch_size")
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update({k: v for k, v in cfg.items() if k in flags})
+    flags["timestep_respacing"] = respacing
+    flags["use_fp16"] = args.precision == "fp16"
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    model.to(args.device)
+    if flags["use_fp16"]:
+        model.convert_to_fp16()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, diffusion, flags, batch_size
+
+
+def inputs(args, flags, batch_size):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    size = flags["image_size"]
+    x = (torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1).to(args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kwargs = {}
+    if flags["class_cond"]:
+        kwargs["y"] = torch.randint(0, 1000, (batch_size,), generator=g).to(args.device)
+    return x, kwargs
+
+
+def autocast(args):
+    import contextlib
+
+    import torch
+
+    if args.precision == "bf16":
+        return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def task_train(args):
+    import torch
+    from guided_diffusion.fp16_util import MixedPrecisionTrainer
+    from guided_diffusion.nn import update_ema
+    from guided_diffusion.resample import UniformSampler
+
+    model, diffusion, flags, batch_size = build(args)
+    model.train()
+    trainer = MixedPrecisionTrainer(model=model, use_fp16=flags["use_fp16"])
+    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4, **adamw_options())
+    ema = [p.detach().clone() for p in trainer.master_params]
+    sampler = UniformSampler(diffusion)
+    x, kwargs = inputs(args, flags, batch_size)
+    net = torch.compile(model) if args.compile else model
+
+    def step():
+        trainer.zero_grad()
+        t, weights = sampler.sample(batch_size, x.device)
+        with autocast(args):
+            losses = diffusion.training_losses(net, x, t, model_kwargs=kwargs)
+        trainer.backward((losses["loss"] * weights).mean())
+        if trainer.optimize(opt):
+            update_ema(ema, trainer.master_params, rate=0.9999)
+
+    return timed(args, step, warmup=2, repeats=args.steps, images=batch_size)
+
+
+def task_sample(args, ddim):
+    import torch
+
+    model, diffusion, flags, batch_size = build(args, respacing="ddim25" if ddim else "50")
+    model.eval()
+    x, kwargs = inputs(args, flags, batch_size)
+    net = compile_for_sampling(model) if args.compile else model
+    loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+
+    def run():
+        torch.manual_seed(0)
+        with autocast(args):
+            loop(net, tuple(x.shape), model_kwargs=kwargs, device=x.device)
+
+    return timed(args, run, warmup=1, repeats=1, images=batch_size)
+
+
+def compile_for_sampling(model):
+    """What the implementation's sampling scripts do with --compile (torch.compile if it has no such flag)."""
+    import torch
+
+    try:
+        from guided_diffusion import perf
+    except ImportError:
+        return torch.compile(model)
+    return perf.compile_model(model, argparse.Namespace(compile=True), inference=True)
+
+
+def task_nll(args):
+    import inspect
+
+    import torch
+
+    saved = CONFIGS[args.config]["diffusion_steps"]
+    CONFIGS[args.config]["diffusion_steps"] = args.nll_steps
+    model, diffusion, flags, _ = build(args)
+    CONFIGS[args.config]["diffusion_steps"] = saved
+    model.eval()
+    x, kwargs = inputs(args, flags, 1)
+    net = compile_for_sampling(model) if args.compile else model
+    extra = {}
+    if args.nll_batch > 1 and "timesteps_per_call" in inspect.signature(diffusion.calc_bpd_loop).parameters:
+        extra["timesteps_per_call"] = args.nll_batch
+
+    def run():
+        torch.manual_seed(0)
+        with autocast(args):
+            diffusion.calc_bpd_loop(net, x, model_kwargs=kwargs, **extra)
+
+    return timed(args, run, warmup=0, repeats=1, images=1)
+
+
+def task_trainloop(args):
+    import torch
+    from guided_diffusion import dist_util, logger
+    from guided_diffusion.train_util import TrainLoop
+
+    dist_util.setup_dist()
+    logger.configure(dir=tempfile.mkdtemp(prefix="gd-bench-loop-"), format_strs=["log"])
+    model, diffusion, flags, batch_size = build(args)
+    x, kwargs = inputs(args, flags, batch_size)
+
+    def data():
+        while True:
+            yield x, kwargs
+
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=data(), batch_size=batch_size, microbatch=-1,
+        lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
+        use_fp16=flags["use_fp16"], lr_anneal_steps=args.steps,
+    )
+    sync(args.device)
+    start = time.perf_counter()
+    loop.run_loop()
+    sync(args.device)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": batch_size * args.steps / elapsed, "seconds": elapsed}
+
+
+def adamw_options():
+    """The AdamW options the implementation's own TrainLoop uses (the original: torch's defaults)."""
+    from guided_diffusion import train_util
+
+    options = getattr(train_util, "_adamw_speed_options", None)
+    return options() if options is not None else {}
+
+
+def timed(args, fn, warmup, repeats, images):
+    for _ in range(warmup):
+        fn()
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(args.device)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": images * repeats / elapsed, "seconds": elapsed}
+
+
+def worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.cuda.reset_peak_memory_stats()
+    runners = {
+        "train": task_train,
+        "ddim": lambda a: task_sample(a, ddim=True),
+        "ddpm": lambda a: task_sample(a, ddim=False),
+        "nll": task_nll,
+        "trainloop": task_trainloop,
+    }
+    record = runners[args.worker](args)
+    record["peak_mb"] = peak_memory_mb(args.device)
+    print(json.dumps(record))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="small", choices=sorted(CONFIGS), help="model configuration")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--impls", default="ours,original", help="comma-separated: ours, original")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp16 is the original's scheme (fp16 torso, fp32 master weights); bf16 is autocast")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--nll_steps", type=int, default=1000, help="diffusion steps of the NLL task")
+    p.add_argument("--nll_batch", type=int, default=1,
+                   help="timesteps evaluated per model call in the NLL task (ours only; 1 = the original's way)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on GPU")
+    p.add_argument("--flags_for", default="both", choices=["both", "ours"],
+                   help="apply --compile/--channels_last/--tf32 to both implementations or to ours only "
+                        "(ours with its flags against the original as published)")
+    p.add_argument("--disable", default="",
+                   help="comma-separated fast paths of ours to turn off (guided_diffusion/perf.py FAST_PATHS; "
+                        "'all' for every one)")
+    p.add_argument("--json", default="", help="write the results to this JSON file")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "guided_diffusion_bench"),
+                   help="where the original package is downloaded")
+    p.add_argument("--original_dir", default="", help="folder that contains the original guided_diffusion package")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()
