@@ -80,17 +80,32 @@ def original_dir(cache):
     """Folder holding the original `guided_diffusion` package, fetched once from PyPI."""
     cache = Path(cache)
     target = cache / "guided_diffusion_sdk-1.0.0"
-    if (target / "guided_diffusion" / "gaussian_diffusion.py").exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         "-d", str(cache), ORIGINAL_PACKAGE],
-        check=True,
-    )
-    with tarfile.open(cache / "guided_diffusion_sdk-1.0.0.tar.gz") as tar:
-        tar.extractall(cache, filter="data")
+    if not (target / "guided_diffusion" / "gaussian_diffusion.py").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             "-d", str(cache), ORIGINAL_PACKAGE],
+            check=True,
+        )
+        with tarfile.open(cache / "guided_diffusion_sdk-1.0.0.tar.gz") as tar:
+            tar.extractall(cache, filter="data")
+    restore_upstream_attention_checkpointing(target / "guided_diffusion" / "unet.py")
     return target
+
+
+def restore_upstream_attention_checkpointing(unet_file):
+    """Undo the one behavioural edit the PyPI package makes to openai/guided-diffusion.
+
+    Upstream's AttentionBlock.forward always checkpoints (`checkpoint(..., True)`,
+    with a TODO beside it), so its attention runs twice in every training step; the
+    PyPI copy passes `self.use_checkpoint` instead.  Numbers are the same either
+    way (the golden scenarios pass with both); only the training time differs.
+    """
+    text = unet_file.read_text()
+    packaged = "return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)"
+    upstream = "return checkpoint(self._forward, (x,), self.parameters(), True)"
+    if packaged in text:
+        unet_file.write_text(text.replace(packaged, upstream, 1))
 
 
 def run_worker(impl_path, task, args):
