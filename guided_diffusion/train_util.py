@@ -615,6 +615,51 @@ def _load_weights(model, state_dict, source):
 # Shared by the training scripts
 
 
+def diffusion_training_defaults():
+    """The original's flags of image_train.py and super_res_train.py (their shared part)."""
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+
+
+def train_loop_from_args(args, *, model, diffusion, data, schedule_sampler):
+    """The TrainLoop that the diffusion training scripts run, configured from their flags."""
+    return TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        max_steps=args.max_steps,
+        restore_data_position=args.exact_resume,
+        compile=args.compile,
+        use_bf16=args.use_bf16,
+        fused_adam=args.fused_adam,
+    )
+
+
 def training_extra_defaults():
     """Flags the training scripts add to the original's."""
     return dict(

@@ -27,10 +27,11 @@ from guided_diffusion.script_util import (
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (
-    TrainLoop,
+    diffusion_training_defaults,
     parse_training_args,
     start_run,
     training_data,
+    train_loop_from_args,
     training_extra_defaults,
 )
 
@@ -67,46 +68,13 @@ def main(argv=None):
     )
 
     logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        max_steps=args.max_steps,
-        restore_data_position=args.exact_resume,
-        compile=args.compile,
-        use_bf16=args.use_bf16,
-        fused_adam=args.fused_adam,
+    train_loop_from_args(
+        args, model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler
     ).run_loop()
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-    )
+    defaults = diffusion_training_defaults()
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(sr_extra_defaults())
     defaults.update(training_extra_defaults())
