@@ -731,6 +731,19 @@ def _network_flags(config):
     return {k: v for k, v in config.items() if k in keys}
 
 
+def add_preset_argument(parser):
+    """Add ``--preset`` to ``parser`` unless it has it (so ``--help`` lists it too)."""
+    from . import presets
+
+    if "preset" not in _parser_flags(parser):
+        parser.add_argument(
+            "--preset",
+            default="",
+            help="flags of a released checkpoint, comma-separated to combine; one of: "
+            + ", ".join(presets.PRESETS),
+        )
+
+
 def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",), *, purpose=None):
     """Parse ``argv`` with defaults taken from saved configs and ``--preset``.
 
@@ -747,15 +760,8 @@ def parse_args_with_presets(parser, argv=None, checkpoint_flags=("model_path",),
     """
     from . import checkpoints, presets
 
+    add_preset_argument(parser)
     parser_flags = _parser_flags(parser)
-    if "preset" not in parser_flags:
-        parser.add_argument(
-            "--preset",
-            default="",
-            help="flags of a released checkpoint, comma-separated to combine; one of: "
-            + ", ".join(presets.PRESETS),
-        )
-        parser_flags = _parser_flags(parser)
     first = parser.parse_args(argv)
 
     resolved = {}

@@ -681,8 +681,9 @@ def parse_training_args(parser, argv=None, purpose="train"):
     with the same data, batch size, model...) < ``--preset`` < explicit flags.
     """
     from . import checkpoints
-    from .script_util import parse_args_with_presets
+    from .script_util import add_preset_argument, parse_args_with_presets
 
+    add_preset_argument(parser)
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "resume_checkpoint", ""):
         config = checkpoints.find_config(resolve_resume_checkpoint(first.resume_checkpoint)) or {}
