@@ -20,35 +20,13 @@ those keep the values that build its architecture (-1, False, False: legacy
 attention head order, convolution up/downsampling).
 """
 
+from .script_util import model_and_diffusion_defaults
+
 _GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 _IMPROVED_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"
 
-# guided-diffusion's model_and_diffusion_defaults() (tests check the two agree).
-_GUIDED_DEFAULTS = dict(
-    image_size=64,
-    num_channels=128,
-    num_res_blocks=2,
-    num_heads=4,
-    num_heads_upsample=-1,
-    num_head_channels=-1,
-    attention_resolutions="16,8",
-    channel_mult="",
-    dropout=0.0,
-    class_cond=False,
-    use_checkpoint=False,
-    use_scale_shift_norm=True,
-    resblock_updown=False,
-    use_fp16=False,
-    use_new_attention_order=False,
-    learn_sigma=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    timestep_respacing="",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-)
+# guided-diffusion's model_and_diffusion_defaults(): every preset starts from them.
+_GUIDED_DEFAULTS = model_and_diffusion_defaults()
 
 # improved-diffusion's model_and_diffusion_defaults(), in our flag names.
 _IMPROVED_DEFAULTS = dict(_GUIDED_DEFAULTS, rescale_timesteps=True, rescale_learned_sigmas=True)

@@ -63,10 +63,6 @@ def test_preset_spells_out_every_flag_of_its_factory_with_the_default_types(name
         assert type(value) is type(defaults[key]), key
 
 
-def test_guided_base_flags_equal_the_script_defaults():
-    assert presets._GUIDED_DEFAULTS == su.model_and_diffusion_defaults()
-
-
 @pytest.mark.parametrize("name", sorted(IMPROVED))
 def test_improved_presets_keep_the_improved_architecture(name):
     flags = presets.PRESETS[name]["flags"]
