@@ -8,6 +8,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import perf
@@ -51,6 +52,82 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """silu(group_norm(x)), or silu(group_norm(x) * (1 + scale) + shift), storing only the inputs.
+
+    The backward pass re-runs the normalisation from x (the same kernels, so the same
+    bits) and applies the same backward kernels autograd would, so outputs and
+    gradients equal those of the plain composition; the normalised tensor and the
+    modulated one are never kept alive between the passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, scale, shift):
+        n, mean, rstd = _native_group_norm(x, weight, bias, groups, eps)
+        s1 = None
+        if scale is not None:
+            s1 = 1 + scale
+            m = (n * s1).add_(shift)
+            del n
+        else:
+            m = n
+        out = F.silu(m)
+        ctx.groups, ctx.eps = groups, eps
+        ctx.save_for_backward(x, weight, bias, mean, rstd, s1, shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd, s1, shift = ctx.saved_tensors
+        n = _native_group_norm(x, weight, bias, ctx.groups, ctx.eps)[0]
+        grad_scale = grad_shift = None
+        if s1 is not None:
+            grad_m = torch.ops.aten.silu_backward(grad, (n * s1).add_(shift))
+            if ctx.needs_input_grad[6]:
+                grad_shift = grad_m.sum_to_size(shift.shape)
+            if ctx.needs_input_grad[5]:
+                grad_scale = (grad_m * n).sum_to_size(s1.shape)
+            grad_n = grad_m * s1
+        else:
+            grad_n = torch.ops.aten.silu_backward(grad, n)
+        del n
+        # As autograd's own GroupNorm backward: the gradient in the input's memory layout.
+        layout = torch.contiguous_format
+        if x.device.type == "cpu" and not x.is_contiguous():  # then channels-last (see group_norm_silu)
+            layout = torch.channels_last
+        grad_n = grad_n.contiguous(memory_format=layout)
+        batch, channels = x.shape[:2]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+            grad_n, x, mean, rstd, weight, batch, channels, x[0, 0].numel(), ctx.groups,
+            list(ctx.needs_input_grad[:3]),
+        )
+        return grad_x, grad_w, grad_b, None, None, grad_scale, grad_shift
+
+
+def _native_group_norm(x, weight, bias, groups, eps):
+    batch, channels = x.shape[:2]
+    return torch.native_group_norm(x, weight, bias, batch, channels, x[0, 0].numel(), groups, eps)
+
+
+def group_norm_silu(norm, x, scale=None, shift=None):
+    """SiLU(norm(x)) (or SiLU(norm(x) * (1 + scale) + shift)) for a float32 `GroupNorm32` ``norm``,
+    keeping only ``x`` for the backward pass, which recomputes the rest (see `_GroupNormSiLU`).
+
+    Returns None where that does not apply (other dtypes, unusual memory layouts); the
+    caller then runs the plain layers.
+    """
+    if x.dtype != torch.float32 or norm.weight is None or norm.weight.dtype != torch.float32:
+        return None
+    channels_last_cpu = x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    if not (x.is_contiguous() or channels_last_cpu):  # the layouts group_norm itself would use
+        return None
+    if scale is not None and (scale.dtype != torch.float32 or shift.dtype != torch.float32):
+        return None
+    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
 
 
 def _pick_by_dims(dims, choices, what):

@@ -36,6 +36,12 @@ FAST_PATHS = {
     "cpu_attention": "scaled_dot_product_attention on CPU too (its 3-D CPU path is the slow "
                      "generic one); on GPU attention always uses SDPA's fused kernels",
     "sdpa": "the original's einsum attention everywhere (two scaled einsums and a softmax)",
+    "token_attention": "attention blocks computed module by module on [N, C, T] tensors (1x1 "
+                       "convolutions, heads as [N*heads, C/heads, T] batched matmuls) instead of on "
+                       "token-major tensors with fused attention, when sampling and on GPUs",
+    "recompute": "the normalisation / SiLU outputs of ResBlocks and the [T, T] attention weights "
+                 "stored for the backward pass instead of recomputed there from their inputs "
+                 "(more training memory)",
     "inplace": "out-of-place activations and residual adds (one extra tensor per op)",
     "cached_tables": "rebuilding the float64 coefficient tables on the device at every lookup",
     "foreach": "per-tensor EMA and gradient-norm loops",

@@ -25,6 +25,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    group_norm_silu,
     linear,
     normalization,
     timestep_embedding,
@@ -70,14 +71,43 @@ def attention_bmm(q, k, v):
     return torch.bmm(v, torch.softmax(weight, dim=-1).transpose(1, 2))
 
 
+class _AttentionRecomputingWeights(torch.autograd.Function):
+    """`attention_bmm` that keeps only q, k, v for the backward pass.
+
+    The [N, T, T] softmax weights, by far the largest activation of an attention
+    block, are recomputed in the backward pass with the same kernels, so outputs and
+    gradients equal those of the plain `attention_bmm` bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return attention_bmm(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = attention_bmm(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def attention_recomputing_weights(q, k, v):
+    """`attention_bmm`, storing q, k, v instead of the [T, T] weights for the backward pass."""
+    return _AttentionRecomputingWeights.apply(q, k, v)
+
+
 def attention(q, k, v):
     """The attention used by the blocks.
 
     GPUs: `attention_sdpa` (flash / memory-efficient kernels). CPU: `attention_bmm`
-    for float32 (fast path ``cpu_attention``), and `attention_reference` for float16,
-    which rounds the logits and weights to float16 like the original (SDPA skips those
-    roundings and drifts measurably from the original's fp16 training). With the
-    ``sdpa`` fast path off, `attention_reference` everywhere.
+    for float32 (fast path ``cpu_attention``; in training `attention_recomputing_weights`,
+    fast path ``recompute``), and `attention_reference` for float16, which rounds the
+    logits and weights to float16 like the original (SDPA skips those roundings and
+    drifts measurably from the original's fp16 training). With the ``sdpa`` fast path
+    off, `attention_reference` everywhere.
     """
     if not perf.enabled("sdpa"):
         return attention_reference(q, k, v)
@@ -85,6 +115,8 @@ def attention(q, k, v):
         if q.dtype == torch.float16:
             return attention_reference(q, k, v)
         if perf.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
+            if perf.enabled("recompute") and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return attention_recomputing_weights(q, k, v)
             return attention_bmm(q, k, v)
     return attention_sdpa(q, k, v)
 
@@ -363,23 +395,74 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x, emb):
+        if self._recompute_norms():
+            return self._forward_recomputing_norms(x, emb)
         if self.updown:
             h = self.in_layers[:-1](x)
             h = self.in_layers[-1](self.h_upd(h))
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)
-        emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
+        emb_out = self._emb_out(emb, h)
         if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = (self.out_layers[0](h) * (1 + scale)).add_(shift)  # a fresh product: ours to change
-            h = self.out_layers[1:](h)
+            h = self.out_layers[2:](self._modulate(h, *emb_out.chunk(2, dim=1)))
         else:
             owners = (self.in_layers[-1],) if self.updown else (self.in_layers, self.in_layers[-1])
             h = self.out_layers(_add(h, emb_out, owners))
             return _add(h, self.skip_connection(x), (self.out_layers, self.out_layers[-1]))
         return _add(h, self.skip_connection(x), (self.out_layers[-1],))
+
+    def _emb_out(self, emb, h):
+        emb_out = self.emb_layers(emb).to(h.dtype)
+        return emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
+
+    def _modulate(self, h, scale, shift):
+        """SiLU(norm(h) * (1 + scale) + shift): the AdaGN step of `use_scale_shift_norm`."""
+        h = (self.out_layers[0](h) * (1 + scale)).add_(shift)  # a fresh product: ours to change
+        return self.out_layers[1](h)
+
+    def _recompute_norms(self):
+        """Whether to recompute the normalisation / SiLU outputs in the backward pass (fast path
+        ``recompute``): only when a gradient is recorded, outside torch.compile (which
+        plans its own recomputation), without `use_checkpoint` (which recomputes everything),
+        and with no forward hook on the layers whose calls `_forward_recomputing_norms` regroups.
+        """
+        if not (perf.enabled("recompute") and torch.is_grad_enabled()) or self.use_checkpoint:
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        parts = (self.in_layers, self.in_layers[0], self.in_layers[1],
+                 self.out_layers, self.out_layers[0], self.out_layers[1])
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in parts) and not (
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        )
+
+    def _forward_recomputing_norms(self, x, emb):
+        """`_forward` for training: the same operations, but each GroupNorm-SiLU pair keeps
+        only its input for the backward pass and recomputes the rest there
+        (`group_norm_silu`), instead of storing one or two more activation-sized tensors.
+        Same numbers and gradients; less memory for a little more time.
+        """
+        h = _norm_silu(self.in_layers, x)
+        if self.updown:
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+        h = self.in_layers[2](h)
+        emb_out = self._emb_out(emb, h)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            out = group_norm_silu(self.out_layers[0], h, scale, shift)
+            h = self._modulate(h, scale, shift) if out is None else out
+        else:
+            h = _norm_silu(self.out_layers, _add(h, emb_out, (self.in_layers[2],)))
+        h = self.out_layers[2:](h)
+        return _add(h, self.skip_connection(x), (self.out_layers[-1],))
+
+
+def _norm_silu(layers, x):
+    """``layers[1](layers[0](x))`` (a GroupNorm and its SiLU), recomputed in the backward pass where possible."""
+    out = group_norm_silu(layers[0], x)
+    return layers[1](layers[0](x)) if out is None else out
 
 
 class AttentionBlock(nn.Module):
@@ -428,10 +511,64 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x):
+        if self._use_token_layout(x):
+            return self._forward_tokens(x)
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return _add(h, x, (self.proj_out,)).reshape(batch, channels, *spatial)
+
+    def _use_token_layout(self, x):
+        """Whether `_forward_tokens` may stand in for the module-by-module forward.
+
+        Only with the ``token_attention`` and ``sdpa`` fast paths on, for the two
+        stock attention modules, and when no forward hook would miss the calls it
+        skips (``qkv``, ``attention`` and ``proj_out`` are not called as modules).
+        On CPU only where no gradient is recorded: CPU training keeps the original's
+        [N, C, T] roundings (Adam magnifies rounding differences in tiny gradients) and
+        saves its memory with `attention_recomputing_weights` instead. Float16 on CPU
+        keeps the original's float16 roundings (`attention_reference`).
+        """
+        if not (perf.enabled("token_attention") and perf.enabled("sdpa")):
+            return False
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            return False
+        if type(self.attention) not in (QKVAttention, QKVAttentionLegacy):
+            return False
+        if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            return False
+        parts = (self.qkv, self.attention, self.proj_out)
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in parts) and not (
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        )
+
+    def _forward_tokens(self, x):
+        """The same block on token-major tensors: [N, T, C] activations, [N, heads, T, C/heads] heads.
+
+        The 1x1 projections become matrix products over the channel axis and the
+        attention runs in `scaled_dot_product_attention`'s fused kernels, which never
+        store the [T, T] weights for the backward pass. Channels-last inputs need no
+        copy at all; for contiguous (NCHW) inputs the residual add writes the result
+        back in x's layout.
+        Equal to the module-by-module forward up to float rounding.
+        """
+        batch, channels, *spatial = x.shape
+        heads = self.attention.n_heads
+        width = channels // heads
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [N, T, C]; a view for channels-last x
+        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # [N, T, 3C]
+        length = qkv.shape[1]
+        if isinstance(self.attention, QKVAttentionLegacy):  # channels ordered (head, q/k/v, c)
+            q, k, v = qkv.view(batch, length, heads, 3, width).unbind(3)
+        else:  # channels ordered (q/k/v, head, c)
+            q, k, v = qkv.view(batch, length, 3, heads, width).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(batch, length, channels)  # channel = head * width + c
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        out = out.transpose(1, 2).reshape(batch, channels, *spatial)  # a channels-last view
+        if out.stride() == x.stride():
+            return out.add_(x)
+        return x + out  # the first operand sets the layout of the sum: x's
 
 
 # ---------------------------------------------------------------------------

@@ -143,6 +143,101 @@ def test_ddim_samples_are_the_same_with_every_fast_path_off():
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_new_attention_order", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_token_major_attention_block_matches_the_module_by_module_forward(use_new_attention_order, channels_last):
+    torch.manual_seed(0)
+    block = U.AttentionBlock(64, num_heads=4, use_new_attention_order=use_new_attention_order).eval()
+    torch.nn.init.normal_(block.proj_out.weight, std=0.1)  # not zero: the attention must count
+    x = torch.randn(3, 64, 8, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert block._use_token_layout(x)
+        fast = block(x)
+        with perf.disabled("token_attention"):
+            assert not block._use_token_layout(x)
+            plain = block(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    assert (fast - x).abs().max() > 0.1  # the block did change x
+    # The output keeps the input's memory layout.
+    assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_token_major_attention_is_for_sampling_on_cpu_and_steps_aside_for_hooks():
+    block = U.AttentionBlock(64, num_heads=2)
+    x = torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        assert block._use_token_layout(x)
+        assert not block._use_token_layout(x.half())  # CPU float16 keeps the original's roundings
+    assert not block._use_token_layout(x)  # CPU training keeps the [N, C, T] path
+    seen = []
+    handle = block.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        assert not block._use_token_layout(x)
+        block(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 192, 16])]
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct tensors autograd keeps for the backward pass of ``fn()``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("kw", [dict(use_scale_shift_norm=True), dict(use_scale_shift_norm=False, resblock_updown=True,
+                                                                      use_new_attention_order=True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_recomputation_gives_the_same_gradients_bit_for_bit_and_keeps_less(kw, channels_last):
+    model = tiny_unet(**kw)
+    x, t = inputs()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        out, saved = _saved_bytes(lambda: model(xx, t))
+        out.square().mean().backward()
+        return [out, xx.grad] + [p.grad.clone() for p in model.parameters()], saved
+
+    fast, saved_fast = run()
+    with perf.disabled("recompute"):
+        plain, saved_plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert saved_fast < 0.9 * saved_plain, (saved_fast, saved_plain)
+
+
+def test_group_norm_silu_falls_back_where_it_cannot_match_the_plain_layers():
+    norm = gnn.normalization(32)
+    x = torch.randn(2, 32, 4, 4)
+    assert gnn.group_norm_silu(norm, x.double()) is None
+    assert gnn.group_norm_silu(norm, x.transpose(2, 3)) is None  # neither NCHW nor channels-last
+    out = gnn.group_norm_silu(norm, x)
+    torch.testing.assert_close(out, torch.nn.functional.silu(norm(x)), rtol=0, atol=0)
+
+
+def test_attention_recomputing_weights_matches_bmm_attention_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 32, generator=gen) for _ in range(3))
+    grads = []
+    for fn in (U.attention_recomputing_weights, U.attention_bmm):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out) * torch.arange(32.0))
+        grads.append([out] + [leaf.grad for leaf in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_uncached_coefficient_tables_give_the_same_values():
     diffusion = script_util.create_gaussian_diffusion(steps=50, noise_schedule="linear")
     x = torch.randn(3, 2, 4, 4)
