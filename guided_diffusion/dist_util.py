@@ -15,6 +15,7 @@ with ``torch.cuda.set_device``; ``CUDA_VISIBLE_DEVICES`` is never touched) and
 ``gloo`` otherwise.
 """
 
+import atexit
 import os
 import socket
 
@@ -125,6 +126,22 @@ def setup_dist():
     else:
         _select_device(_local_rank_from_env() or 0)
         _init_single_process()
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit():
+    """Tear the process group down before the interpreter (and MPI) does.
+
+    Left to interpreter shutdown, a live gloo group's threads can be destroyed
+    while still joinable ("terminate called without an active exception"), which
+    aborts a finished job with signal 6 under mpiexec. Registered after mpi4py's
+    import, so it runs before MPI_Finalize.
+    """
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # shutting down anyway: never turn a finished run into a failure
+            pass
 
 
 def get_rank():
