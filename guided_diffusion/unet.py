@@ -315,6 +315,14 @@ def output_is_private(modules):
     )
 
 
+def _hooked(*modules):
+    """Whether any of ``modules`` has a forward (pre-)hook, or a global one exists: then a
+    fast path that regroups their calls must step aside so that every hook fires."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
+
+
 def _add(fresh, other, owners):
     """``fresh + other``, written into ``fresh`` (what ``owners`` returned) when that is private."""
     if output_is_private(owners):
@@ -431,11 +439,8 @@ class ResBlock(TimestepBlock):
             return False
         if torch.compiler.is_compiling():
             return False
-        parts = (self.in_layers, self.in_layers[0], self.in_layers[1],
-                 self.out_layers, self.out_layers[0], self.out_layers[1])
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in parts) and not (
-            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-        )
+        return not _hooked(self.in_layers, self.in_layers[0], self.in_layers[1],
+                           self.out_layers, self.out_layers[0], self.out_layers[1])
 
     def _forward_recomputing_norms(self, x, emb):
         """`_forward` for training: the same operations, but each GroupNorm-SiLU pair keeps
@@ -537,10 +542,7 @@ class AttentionBlock(nn.Module):
             return False
         if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
             return False
-        parts = (self.qkv, self.attention, self.proj_out)
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in parts) and not (
-            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-        )
+        return not _hooked(self.qkv, self.attention, self.proj_out)
 
     def _forward_tokens(self, x):
         """The same block on token-major tensors: [N, T, C] activations, [N, heads, T, C/heads] heads.
