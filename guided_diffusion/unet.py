@@ -99,6 +99,16 @@ def attention_recomputing_weights(q, k, v):
     return _AttentionRecomputingWeights.apply(q, k, v)
 
 
+def _recompute_weights(q):
+    """Whether training attention should recompute its [T, T] weights (fast path ``recompute``):
+    only where they outweigh q, k and v together (T > 3C), so that the recomputation buys
+    real memory; short sequences keep them."""
+    if not (perf.enabled("recompute") and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return False
+    channels, length = q.shape[1:]
+    return length > 3 * channels
+
+
 def attention(q, k, v):
     """The attention used by the blocks.
 
@@ -115,7 +125,7 @@ def attention(q, k, v):
         if q.dtype == torch.float16:
             return attention_reference(q, k, v)
         if perf.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
-            if perf.enabled("recompute") and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if _recompute_weights(q):
                 return attention_recomputing_weights(q, k, v)
             return attention_bmm(q, k, v)
     return attention_sdpa(q, k, v)
@@ -439,35 +449,39 @@ class ResBlock(TimestepBlock):
             return False
         if torch.compiler.is_compiling():
             return False
-        return not _hooked(self.in_layers, self.in_layers[0], self.in_layers[1],
-                           self.out_layers, self.out_layers[0], self.out_layers[1])
+        return not _hooked(self.in_layers, *self.in_layers, self.out_layers, *self.out_layers)
 
     def _forward_recomputing_norms(self, x, emb):
-        """`_forward` for training: the same operations, but each GroupNorm-SiLU pair keeps
-        only its input for the backward pass and recomputes the rest there
-        (`group_norm_silu`), instead of storing one or two more activation-sized tensors.
-        Same numbers and gradients; less memory for a little more time.
+        """`_forward` for training: the same operations, but each GroupNorm-SiLU pair, with the
+        convolution after it, keeps only its input for the backward pass and recomputes the
+        normalised and activated tensors there (`group_norm_silu`), instead of storing two
+        or three more activation-sized tensors. Same numbers and gradients bit for bit;
+        less memory for a little more time.
         """
-        h = _norm_silu(self.in_layers, x)
         if self.updown:
-            h = self.h_upd(h)
+            h = group_norm_silu(self.in_layers[0], x)
+            h = self.in_layers[:2](x) if h is None else h
+            h = self.in_layers[2](self.h_upd(h))
             x = self.x_upd(x)
-        h = self.in_layers[2](h)
+        else:
+            h = group_norm_silu(self.in_layers[0], x, conv=self.in_layers[2])
+            h = self.in_layers(x) if h is None else h
         emb_out = self._emb_out(emb, h)
+        scale = shift = None
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            out = group_norm_silu(self.out_layers[0], h, scale, shift)
-            h = self._modulate(h, scale, shift) if out is None else out
         else:
-            h = _norm_silu(self.out_layers, _add(h, emb_out, (self.in_layers[2],)))
-        h = self.out_layers[2:](h)
-        return _add(h, self.skip_connection(x), (self.out_layers[-1],))
-
-
-def _norm_silu(layers, x):
-    """``layers[1](layers[0](x))`` (a GroupNorm and its SiLU), recomputed in the backward pass where possible."""
-    out = group_norm_silu(layers[0], x)
-    return layers[1](layers[0](x)) if out is None else out
+            h = _add(h, emb_out, (self.in_layers[2],))
+        dropout = self.out_layers[2]
+        # The convolution joins the recomputed op unless a dropout mask sits between them.
+        conv = None if dropout.training and dropout.p > 0 else self.out_layers[3]
+        out = group_norm_silu(self.out_layers[0], h, scale, shift, conv=conv)
+        if out is None:
+            out = self._modulate(h, scale, shift) if scale is not None else self.out_layers[:2](h)
+            conv = None
+        if conv is None:
+            out = self.out_layers[2:](out)
+        return _add(out, self.skip_connection(x), (self.out_layers[-1],))
 
 
 class AttentionBlock(nn.Module):
