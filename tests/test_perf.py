@@ -219,6 +219,23 @@ def test_recomputation_gives_the_same_gradients_bit_for_bit_and_keeps_less(kw, c
     assert saved_fast < 0.9 * saved_plain, (saved_fast, saved_plain)
 
 
+def test_recomputation_gives_input_gradients_through_a_frozen_model():
+    """Classifier guidance and DPS take gradients w.r.t. the sample through frozen weights."""
+    model = tiny_unet().requires_grad_(False)
+    x, t = inputs()
+
+    def grad_x():
+        xx = x.clone().requires_grad_()
+        model(xx, t).square().sum().backward()
+        return xx.grad
+
+    fast = grad_x()
+    with perf.disabled("recompute"):
+        plain = grad_x()
+    assert torch.equal(fast, plain) and fast.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_group_norm_silu_falls_back_where_it_cannot_match_the_plain_layers():
     norm = gnn.normalization(32)
     x = torch.randn(2, 32, 4, 4)
