@@ -144,6 +144,8 @@ def group_norm_silu(norm, x, scale=None, shift=None, conv=None):
     """
     if x.dtype != torch.float32 or norm.weight is None or norm.weight.dtype != torch.float32:
         return None
+    if torch.is_autocast_enabled(x.device.type):  # the backward pass would recompute in another dtype
+        return None
     channels_last_cpu = x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(
         memory_format=torch.channels_last
     )

@@ -105,6 +105,8 @@ def _recompute_weights(q):
     real memory; short sequences keep them."""
     if not (perf.enabled("recompute") and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return False
+    if torch.is_autocast_enabled(q.device.type):
+        return False
     channels, length = q.shape[1:]
     return length > 3 * channels
 

@@ -236,6 +236,26 @@ def test_recomputation_gives_input_gradients_through_a_frozen_model():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_recomputation_steps_aside_under_bf16_autocast():
+    model = tiny_unet()
+    x, t = inputs()
+
+    def grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+        out.float().square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fast = grads()
+    with perf.disabled("recompute"):
+        plain = grads()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert gnn.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gnn.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is None
+
+
 def test_group_norm_silu_falls_back_where_it_cannot_match_the_plain_layers():
     norm = gnn.normalization(32)
     x = torch.randn(2, 32, 4, 4)
