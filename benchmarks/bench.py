@@ -321,7 +321,7 @@ def compile_for_sampling(model):
         from guided_diffusion import perf
     except ImportError:
         return torch.compile(model)
-    return perf.compile_model(model, argparse.Namespace(compile=True), inference=True)
+    return perf.compile_model(model, argparse.Namespace(compile=True))
 
 
 def task_nll(args):
@@ -349,7 +349,6 @@ def task_nll(args):
 
 
 def task_trainloop(args):
-    import torch
     from guided_diffusion import dist_util, logger
     from guided_diffusion.train_util import TrainLoop
 

@@ -234,17 +234,15 @@ def autocast(args, device):
     return contextlib.nullcontext()
 
 
-def compile_model(model, args, inference=False):
+def compile_model(model, args):
     """``torch.compile(model)`` with ``--compile``, else ``model`` itself.
 
     The compiled wrapper shares the parameters of ``model``; keep using ``model``
     for ``state_dict``/``load_state_dict`` (the wrapper's keys carry a ``_orig_mod.`` prefix).
-    ``inference`` (what the sampling scripts pass) changes nothing at present: Inductor's
-    freezing (weights folded in as constants, convolution weights prepacked) measured no
-    faster than plain compilation for DDIM on CPU (benchmarks/README.md), and the
-    ``options={"freezing": True}`` form never switched it on in torch 2.13 anyway.
+    Sampling gets the same plain compilation as training: Inductor's freezing (weights
+    folded in as constants, convolution weights prepacked) measured no faster for DDIM
+    on CPU (benchmarks/README.md).
     """
-    del inference
     if not _flag(args, "compile"):
         return model
     return torch.compile(model)
@@ -273,7 +271,7 @@ def inference_model(model, args, device):
     """
     configure_backends(args, device)
     prepare_model(model, args)
-    fn = compile_model(model, args, inference=True)
+    fn = compile_model(model, args)
     if _flag(args, "use_bf16"):
         fn = AutocastModel(fn, device)
     return fn

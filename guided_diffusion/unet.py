@@ -99,16 +99,24 @@ def attention_recomputing_weights(q, k, v):
     return _AttentionRecomputingWeights.apply(q, k, v)
 
 
+def _recomputing(device_type):
+    """Whether the ``recompute`` fast path applies now: a gradient is being recorded,
+    outside torch.compile (which plans its own recomputation) and autocast (whose
+    backward pass would recompute in another dtype)."""
+    return (
+        perf.enabled("recompute")
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(device_type)
+    )
+
+
 def _recompute_weights(q):
     """Whether training attention should recompute its [T, T] weights (fast path ``recompute``):
     only where they outweigh q, k and v together (T > 3C), so that the recomputation buys
     real memory; short sequences keep them."""
-    if not (perf.enabled("recompute") and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return False
-    if torch.is_autocast_enabled(q.device.type):
-        return False
     channels, length = q.shape[1:]
-    return length > 3 * channels
+    return length > 3 * channels and _recomputing(q.device.type)
 
 
 def attention(q, k, v):
@@ -443,13 +451,11 @@ class ResBlock(TimestepBlock):
 
     def _recompute_norms(self):
         """Whether to recompute the normalisation / SiLU outputs in the backward pass (fast path
-        ``recompute``): only when a gradient is recorded, outside torch.compile (which
-        plans its own recomputation), without `use_checkpoint` (which recomputes everything),
-        and with no forward hook on the layers whose calls `_forward_recomputing_norms` regroups.
+        ``recompute``, see `_recomputing`): not with `use_checkpoint` (which recomputes
+        everything), nor with a forward hook on the layers whose calls
+        `_forward_recomputing_norms` regroups.
         """
-        if not (perf.enabled("recompute") and torch.is_grad_enabled()) or self.use_checkpoint:
-            return False
-        if torch.compiler.is_compiling():
+        if self.use_checkpoint or not _recomputing(self.in_layers[0].weight.device.type):
             return False
         return not _hooked(self.in_layers, *self.in_layers, self.out_layers, *self.out_layers)
 
@@ -552,11 +558,11 @@ class AttentionBlock(nn.Module):
         """
         if not (perf.enabled("token_attention") and perf.enabled("sdpa")):
             return False
-        if x.device.type == "cpu" and torch.is_grad_enabled():
+        if x.device.type == "cpu" and (
+            torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64, torch.bfloat16)
+        ):
             return False
         if type(self.attention) not in (QKVAttention, QKVAttentionLegacy):
-            return False
-        if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
             return False
         return not _hooked(self.qkv, self.attention, self.proj_out)
 
