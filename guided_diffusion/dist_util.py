@@ -126,6 +126,7 @@ def setup_dist():
     else:
         _select_device(_local_rank_from_env() or 0)
         _init_single_process()
+    atexit.unregister(_destroy_at_exit)  # one entry, after mpi4py's: a group set up again moves it
     atexit.register(_destroy_at_exit)
 
 
