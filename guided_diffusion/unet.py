@@ -66,9 +66,14 @@ def attention_bmm(q, k, v):
     extra masking passes and copies, and the original's einsums scale both q and k;
     this scales q alone, by C^(-1/2) (the [C, T] operand is smaller than the [T, T]
     product). Same shapes as `attention_reference`; the softmax runs in q's dtype.
+
+    The second product is taken as weights @ v^T, a [N, T, C] result returned as a
+    transposed view: then the gradient that reaches the softmax in training is
+    contiguous, where v @ weights^T would hand it over transposed and the softmax
+    backward would first copy the whole [N, T, T] tensor.
     """
     weight = torch.bmm((q * q.shape[1] ** -0.5).transpose(1, 2), k)
-    return torch.bmm(v, torch.softmax(weight, dim=-1).transpose(1, 2))
+    return torch.bmm(torch.softmax(weight, dim=-1), v.transpose(1, 2)).transpose(1, 2)
 
 
 class _AttentionRecomputingWeights(torch.autograd.Function):
