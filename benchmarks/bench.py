@@ -119,6 +119,8 @@ def run_worker(impl_path, task, args):
     for flag in ("compile", "channels_last", "tf32"):
         if getattr(args, flag) and (args.flags_for == "both" or impl_path == ROOT):
             cmd.append(f"--{flag}")
+    if args.fused_adam and impl_path == ROOT:  # the original has no such option
+        cmd.append("--fused_adam")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -184,7 +186,7 @@ def drive(args):
         "config": args.config, "precision": args.precision, "device": args.device,
         "threads": args.threads, "rounds": args.rounds, "compile": args.compile,
         "channels_last": args.channels_last, "tf32": args.tf32, "nll_batch": args.nll_batch,
-        "flags_for": args.flags_for,
+        "flags_for": args.flags_for, "fused_adam": args.fused_adam,
         "disable": args.disable, "load_average": os.getloadavg(),
         "machine": machine_description(args.device),
     }
@@ -278,7 +280,7 @@ def task_train(args):
     model, diffusion, flags, batch_size = build(args)
     model.train()
     trainer = MixedPrecisionTrainer(model=model, use_fp16=flags["use_fp16"])
-    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4, **adamw_options())
+    opt = torch.optim.AdamW(trainer.master_params, lr=1e-4, **adamw_options(args.fused_adam))
     ema = [p.detach().clone() for p in trainer.master_params]
     sampler = UniformSampler(diffusion)
     x, kwargs = inputs(args, flags, batch_size)
@@ -365,6 +367,7 @@ def task_trainloop(args):
         model=model, diffusion=diffusion, data=data(), batch_size=batch_size, microbatch=-1,
         lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
         use_fp16=flags["use_fp16"], lr_anneal_steps=args.steps,
+        **({"fused_adam": True} if args.fused_adam else {}),
     )
     sync(args.device)
     start = time.perf_counter()
@@ -374,12 +377,12 @@ def task_trainloop(args):
     return {"images_per_s": batch_size * args.steps / elapsed, "seconds": elapsed}
 
 
-def adamw_options():
+def adamw_options(fused=False):
     """The AdamW options the implementation's own TrainLoop uses (the original: torch's defaults)."""
     from guided_diffusion import train_util
 
     options = getattr(train_util, "_adamw_speed_options", None)
-    return options() if options is not None else {}
+    return options(fused) if options is not None else {}
 
 
 def timed(args, fn, warmup, repeats, images):
@@ -431,6 +434,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on GPU")
+    p.add_argument("--fused_adam", action="store_true",
+                   help="ours only: the fused AdamW kernel of --fused_adam (CPU and GPU; rounds differently)")
     p.add_argument("--flags_for", default="both", choices=["both", "ours"],
                    help="apply --compile/--channels_last/--tf32 to both implementations or to ours only "
                         "(ours with its flags against the original as published)")

@@ -45,6 +45,8 @@ FAST_PATHS = {
     "inplace": "out-of-place activations and residual adds (one extra tensor per op)",
     "cached_tables": "rebuilding the float64 coefficient tables on the device at every lookup",
     "foreach": "per-tensor EMA and gradient-norm loops",
+    "release_grads": "gradients zeroed in place between training steps (a parameter-sized buffer "
+                     "alive through the forward pass, and one more accumulation pass)",
 }
 
 _disabled = set()
@@ -158,8 +160,8 @@ PERF_FLAGS = {
                     "later); no effect on CPU"),
 }
 TRAIN_PERF_FLAGS = {
-    "fused_adam": (False, "use the fused AdamW kernel on GPU (faster; rounds differently from the "
-                          "original's multi-tensor AdamW)"),
+    "fused_adam": (False, "use the fused AdamW kernel, on CPU or GPU (faster; rounds differently "
+                          "from the original's per-tensor AdamW)"),
 }
 
 

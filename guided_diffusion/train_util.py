@@ -300,7 +300,7 @@ class TrainLoop:
         restore_data_position=True, # on exact resume, skip the batches already consumed
         compile=False,              # torch.compile the network for the forward/backward passes
         use_bf16=False,             # bfloat16 autocast around the forward pass (not with use_fp16)
-        fused_adam=False,           # fused AdamW kernel (GPU; rounds differently from the original)
+        fused_adam=False,           # fused AdamW kernel (CPU or GPU; rounds differently from the original)
     ):
         self.model = model
         self.diffusion = diffusion
@@ -595,7 +595,7 @@ def _adamw_speed_options(fused=False):
 
     The foreach implementation rounds exactly like the single-tensor loop that the
     original gets on CPU (and is what it gets on CUDA), so it is a fast path
-    (``foreach``). The fused kernel (``--fused_adam``, GPU only) rounds differently.
+    (``foreach``). The fused kernel (``--fused_adam``, CPU or GPU) rounds differently.
     """
     if fused:
         return {"fused": True}
