@@ -278,6 +278,27 @@ def test_attention_recomputing_weights_matches_bmm_attention_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("num_heads, recomputed", [(16, True), (2, False)])
+def test_attention_weights_are_recomputed_in_a_model_only_for_long_sequences(monkeypatch, num_heads, recomputed):
+    """8x8 attention (T = 64) over 64 channels: 16 heads of 4 channels have T > 14C, 2 heads of 32 do not."""
+    calls = []
+    original = U.attention_recomputing_weights
+    monkeypatch.setattr(U, "attention_recomputing_weights", lambda *a: calls.append(1) or original(*a))
+    model = tiny_unet(num_heads=num_heads)
+    x, t = inputs()
+
+    def grads():
+        model.zero_grad()
+        model(x, t).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fast = grads()
+    assert bool(calls) is recomputed
+    with perf.disabled("recompute"):
+        plain = grads()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+
+
 def test_uncached_coefficient_tables_give_the_same_values():
     diffusion = script_util.create_gaussian_diffusion(steps=50, noise_schedule="linear")
     x = torch.randn(3, 2, 4, 4)
