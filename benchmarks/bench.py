@@ -27,10 +27,13 @@ Tasks:
   ddim       DDIM sampling, 25 respaced steps
   ddpm       DDPM (ancestral) sampling, 50 respaced steps
   nll        calc_bpd_loop on one image (batch size 1)
+  image_nll  the image_nll.py script end to end on a folder of one image (batch
+             size 1): model build and load, data loader, evaluation, outputs
   trainloop  TrainLoop.run_loop for a few steps (including its checkpoint saves)
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -68,7 +71,7 @@ CONFIGS = {
     ),
 }
 
-TASKS = ("train", "ddim", "ddpm", "nll", "trainloop")
+TASKS = ("train", "ddim", "ddpm", "nll", "image_nll", "trainloop")
 
 
 # ----------------------------------------------------------------------------
@@ -331,10 +334,7 @@ def task_nll(args):
 
     import torch
 
-    saved = CONFIGS[args.config]["diffusion_steps"]
-    CONFIGS[args.config]["diffusion_steps"] = args.nll_steps
-    model, diffusion, flags, _ = build(args)
-    CONFIGS[args.config]["diffusion_steps"] = saved
+    model, diffusion, flags, _ = _nll_model(args)
     model.eval()
     x, kwargs = inputs(args, flags, 1)
     net = compile_for_sampling(model) if args.compile else model
@@ -348,6 +348,94 @@ def task_nll(args):
             diffusion.calc_bpd_loop(net, x, model_kwargs=kwargs, **extra)
 
     return timed(args, run, warmup=0, repeats=1, images=1)
+
+
+def task_image_nll(args):
+    """image_nll.py at batch size 1 on one image, timed from flag parsing to its last output.
+
+    Ours runs scripts/image_nll.py's main (with --nll_batch). The PyPI package of the
+    original has no scripts, so for it the same steps as its image_nll.py are driven
+    through its API: dist setup, model build and load, a deterministic data loader,
+    calc_bpd_loop per batch with the per-term means gathered across ranks, the
+    running bpd logged, and the term means saved as npz.
+    """
+    import torch
+    from PIL import Image
+
+    work = Path(tempfile.mkdtemp(prefix="gd-bench-nll-"))
+    model, _, flags, _ = _nll_model(args)
+    torch.save(model.state_dict(), work / "model.pt")
+    (work / "data").mkdir()
+    size = flags["image_size"]
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(work / "data" / "image_0.png")
+    del model
+
+    script = ROOT / "scripts" / "image_nll.py"
+    import guided_diffusion
+
+    ours = Path(guided_diffusion.__file__).resolve().parent.parent == ROOT
+    start = time.perf_counter()
+    if ours:
+        argv = [f"--{k}={v}" for k, v in flags.items() if k != "timestep_respacing"]
+        argv += [f"--model_path={work / 'model.pt'}", f"--data_dir={work / 'data'}", "--num_samples=1",
+                 "--batch_size=1", f"--nll_batch={args.nll_batch}", "--seed=0", f"--log_dir={work / 'log'}"]
+        spec = importlib.util.spec_from_file_location("bench_image_nll", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(argv)
+    else:
+        _original_image_nll(flags, work)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": 1 / elapsed, "seconds": elapsed}
+
+
+def _nll_model(args):
+    saved = CONFIGS[args.config]["diffusion_steps"]
+    CONFIGS[args.config]["diffusion_steps"] = args.nll_steps
+    try:
+        return build(args)
+    finally:
+        CONFIGS[args.config]["diffusion_steps"] = saved
+
+
+def _original_image_nll(flags, work):
+    """What the original's scripts/image_nll.py does for one image at batch size 1."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from guided_diffusion import dist_util, logger
+    from guided_diffusion.image_datasets import load_data
+    from guided_diffusion.script_util import create_model_and_diffusion
+
+    dist_util.setup_dist()
+    logger.configure(dir=str(work / "log"))
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.load_state_dict(dist_util.load_state_dict(str(work / "model.pt"), map_location="cpu"))
+    model.to(dist_util.dev())
+    model.eval()
+    data = load_data(data_dir=str(work / "data"), batch_size=1, image_size=flags["image_size"],
+                     class_cond=flags["class_cond"], deterministic=True)
+    terms = {"vb": [], "mse": [], "xstart_mse": []}
+    done, bpds = 0, []
+    while done < 1:
+        batch, model_kwargs = next(data)
+        batch = batch.to(dist_util.dev())
+        model_kwargs = {k: v.to(dist_util.dev()) for k, v in model_kwargs.items()}
+        metrics = diffusion.calc_bpd_loop(model, batch, clip_denoised=True, model_kwargs=model_kwargs)
+        for key, collected in terms.items():
+            mean = metrics[key].mean(dim=0)
+            gathered = [torch.zeros_like(mean) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, mean)
+            collected.extend(g.cpu().numpy() for g in gathered)
+        total = metrics["total_bpd"].mean() / dist.get_world_size()
+        dist.all_reduce(total)
+        bpds.append(total.item())
+        done += dist.get_world_size() * batch.shape[0]
+        logger.log(f"done {done} samples: bpd={np.mean(bpds)}")
+    if dist.get_rank() == 0:
+        for key, collected in terms.items():
+            np.savez(str(work / "log" / f"{key}_terms.npz"), np.mean(np.stack(collected), axis=0))
 
 
 def task_trainloop(args):
@@ -410,6 +498,7 @@ def worker(args):
         "ddim": lambda a: task_sample(a, ddim=True),
         "ddpm": lambda a: task_sample(a, ddim=False),
         "nll": task_nll,
+        "image_nll": task_image_nll,
         "trainloop": task_trainloop,
     }
     record = runners[args.worker](args)
