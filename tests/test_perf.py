@@ -3,7 +3,6 @@
 import argparse
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -112,18 +111,19 @@ def test_inplace_adds_and_activations_change_no_bit():
     assert torch.equal(fast, plain)
 
 
+def _loss_grads(model, x, t):
+    """Parameter gradients of mean(model(x, t)^2), from zeroed gradients."""
+    model.zero_grad()
+    model(x, t).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
 def test_training_gradients_are_the_same_with_every_fast_path_off():
     model = tiny_unet()
     x, t = inputs()
-
-    def grads():
-        model.zero_grad()
-        model(x, t).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    fast = grads()
+    fast = _loss_grads(model, x, t)
     with perf.disabled():
-        plain = grads()
+        plain = _loss_grads(model, x, t)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -286,16 +286,10 @@ def test_attention_weights_are_recomputed_in_a_model_only_for_long_sequences(mon
     monkeypatch.setattr(U, "attention_recomputing_weights", lambda *a: calls.append(1) or original(*a))
     model = tiny_unet(num_heads=num_heads)
     x, t = inputs()
-
-    def grads():
-        model.zero_grad()
-        model(x, t).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    fast = grads()
+    fast = _loss_grads(model, x, t)
     assert bool(calls) is recomputed
     with perf.disabled("recompute"):
-        plain = grads()
+        plain = _loss_grads(model, x, t)
     assert all(torch.equal(a, b) for a, b in zip(fast, plain))
 
 
@@ -485,19 +479,24 @@ def test_bf16_and_fp16_together_are_refused_naming_both_flags():
         perf.check_flags(argparse.Namespace(use_bf16=True, use_fp16=True), torch.device("cpu"))
 
 
-def test_trainloop_takes_a_bf16_step(tmp_path):
+def _tiny_loop(log_dir, model, **options):
+    """A TrainLoop over ``model`` (batch 2, 20 cosine steps) that is driven by run_step calls."""
     from guided_diffusion import logger
     from guided_diffusion.train_util import TrainLoop
 
-    logger.configure(dir=str(tmp_path), format_strs=["log"])
-    model = tiny_unet()
+    logger.configure(dir=str(log_dir), format_strs=["log"])
     diffusion = script_util.create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
+    return TrainLoop(
+        model=model, diffusion=diffusion, data=iter([]), batch_size=2, microbatch=-1, lr=1e-3,
+        ema_rate="0.9", log_interval=100, save_interval=100, resume_checkpoint="", **options,
+    )
+
+
+def test_trainloop_takes_a_bf16_step(tmp_path):
+    model = tiny_unet()
     x, _ = inputs(batch=2)
     before = [p.detach().clone() for p in model.parameters()]
-    loop = TrainLoop(
-        model=model, diffusion=diffusion, data=iter([(x, {})] * 4), batch_size=2, microbatch=-1, lr=1e-3,
-        ema_rate="0.9", log_interval=100, save_interval=100, resume_checkpoint="", use_bf16=True,
-    )
+    loop = _tiny_loop(tmp_path, model, use_bf16=True)
     loop.run_step(x, {})
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
@@ -506,22 +505,15 @@ def test_trainloop_takes_a_bf16_step(tmp_path):
 
 
 def test_fused_adamw_runs_on_cpu_and_stays_within_rounding_of_the_default(tmp_path):
-    from guided_diffusion import logger
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.train_util import seed_all
 
-    logger.configure(dir=str(tmp_path), format_strs=["log"])
-    diffusion = script_util.create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
     x, _ = inputs(batch=2)
     results = []
     for fused in (True, False):
         model = tiny_unet()
-        loop = TrainLoop(
-            model=model, diffusion=diffusion, data=iter([]), batch_size=2, microbatch=-1, lr=1e-3,
-            ema_rate="0.9", log_interval=100, save_interval=100, resume_checkpoint="", fused_adam=fused,
-        )
+        loop = _tiny_loop(tmp_path, model, fused_adam=fused)
         assert loop.opt.defaults["fused"] is (True if fused else None)
-        torch.manual_seed(5)  # the same timesteps (numpy) and noise (torch) for both runs
-        np.random.seed(5)
+        seed_all(5)  # the same timesteps (numpy) and noise (torch) for both runs
         before = [p.detach().clone() for p in model.parameters()]
         loop.run_step(x, {})
         results.append([p.detach() - b for p, b in zip(model.parameters(), before)])
