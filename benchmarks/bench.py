@@ -224,11 +224,12 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build(args, respacing=""):
+def build(args, respacing="", **overrides):
+    """Model and diffusion of ``args.config`` (with ``overrides`` of its flags), and its batch size."""
     import torch
     from guided_diffusion import script_util
 
-    cfg = dict(CONFIGS[args.config])
+    cfg = dict(CONFIGS[args.config], **overrides)
     batch_size = cfg.pop("batch_size")
     flags = script_util.model_and_diffusion_defaults()
     flags.update({k: v for k, v in cfg.items() if k in flags})
@@ -334,7 +335,7 @@ def task_nll(args):
 
     import torch
 
-    model, diffusion, flags, _ = _nll_model(args)
+    model, diffusion, flags, _ = build(args, diffusion_steps=args.nll_steps)
     model.eval()
     x, kwargs = inputs(args, flags, 1)
     net = compile_for_sampling(model) if args.compile else model
@@ -363,7 +364,7 @@ def task_image_nll(args):
     from PIL import Image
 
     work = Path(tempfile.mkdtemp(prefix="gd-bench-nll-"))
-    model, _, flags, _ = _nll_model(args)
+    model, _, flags, _ = build(args, diffusion_steps=args.nll_steps)
     torch.save(model.state_dict(), work / "model.pt")
     (work / "data").mkdir()
     size = flags["image_size"]
@@ -371,7 +372,6 @@ def task_image_nll(args):
     Image.fromarray(pixels.numpy()).save(work / "data" / "image_0.png")
     del model
 
-    script = ROOT / "scripts" / "image_nll.py"
     import guided_diffusion
 
     ours = Path(guided_diffusion.__file__).resolve().parent.parent == ROOT
@@ -380,7 +380,7 @@ def task_image_nll(args):
         argv = [f"--{k}={v}" for k, v in flags.items() if k != "timestep_respacing"]
         argv += [f"--model_path={work / 'model.pt'}", f"--data_dir={work / 'data'}", "--num_samples=1",
                  "--batch_size=1", f"--nll_batch={args.nll_batch}", "--seed=0", f"--log_dir={work / 'log'}"]
-        spec = importlib.util.spec_from_file_location("bench_image_nll", script)
+        spec = importlib.util.spec_from_file_location("bench_image_nll", ROOT / "scripts" / "image_nll.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main(argv)
@@ -388,15 +388,6 @@ def task_image_nll(args):
         _original_image_nll(flags, work)
     elapsed = time.perf_counter() - start
     return {"images_per_s": 1 / elapsed, "seconds": elapsed}
-
-
-def _nll_model(args):
-    saved = CONFIGS[args.config]["diffusion_steps"]
-    CONFIGS[args.config]["diffusion_steps"] = args.nll_steps
-    try:
-        return build(args)
-    finally:
-        CONFIGS[args.config]["diffusion_steps"] = saved
 
 
 def _original_image_nll(flags, work):
