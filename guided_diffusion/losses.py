@@ -33,8 +33,10 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
             f"got only {type(mean1).__name__}, {type(logvar1).__name__}, "
             f"{type(mean2).__name__}, {type(logvar2).__name__}. Wrap one value in torch.tensor()."
         )
+    # torch.full writes the value on the device (torch.tensor would copy it from the
+    # host, which makes the host wait for the GPU).
     logvar1, logvar2 = (
-        v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=reference.dtype, device=reference.device)
+        v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=reference.dtype, device=reference.device)
         for v in (logvar1, logvar2)
     )
     # 2 KL = log(s2^2/s1^2) + s1^2/s2^2 + (m1 - m2)^2 / s2^2 - 1
