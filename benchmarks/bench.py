@@ -10,6 +10,8 @@ figure reported per (implementation, task) is the median over rounds.
     python benchmarks/bench.py --tasks train,ddim --rounds 5
     python benchmarks/bench.py --impls ours --compile --channels_last
     python benchmarks/bench.py --config paper64 --precision bf16 --device cuda
+    python benchmarks/bench.py --config paper64 --device cuda --tasks train \
+        --precision bf16 --compile --flags_for ours --original_precision fp16    # issue 8's GPU target
     python benchmarks/bench.py --impls ours --disable allocator,cpu_attention   # one fast path's effect
     python benchmarks/bench.py --json results.json
 
@@ -30,6 +32,13 @@ Tasks:
   image_nll  the image_nll.py script end to end on a folder of one image (batch
              size 1): model build and load, data loader, evaluation, outputs
   trainloop  TrainLoop.run_loop for a few steps (including its checkpoint saves)
+
+Training tasks also report the model's FLOPs and, on a GPU, its FLOP utilisation
+(MFU): the forward pass's matmul and convolution FLOPs are counted once with
+torch's FlopCounterMode, a training step is taken as three forward passes (the
+usual convention, so recomputation does not count as useful work), and the
+achieved rate is divided by the GPU's dense peak for the precision (the vendor's
+datasheet figure; --peak_tflops to give another).
 """
 
 import argparse
@@ -72,6 +81,15 @@ CONFIGS = {
 }
 
 TASKS = ("train", "ddim", "ddpm", "nll", "image_nll", "trainloop")
+TRAINING_TASKS = ("train", "trainloop")
+
+# Dense tensor-core peaks in TFLOP/s from the vendors' datasheets (SXM parts), by
+# precision: fp16 and bf16 run at the same rate; "tf32" is fp32 with --tf32.
+PEAK_TFLOPS = {
+    "H100": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
 
 
 # ----------------------------------------------------------------------------
@@ -117,8 +135,9 @@ def run_worker(impl_path, task, args):
     env["GUIDED_DIFFUSION_DISABLE"] = args.disable  # our fast paths to turn off (the original ignores it)
     env.setdefault("OPENAI_LOGDIR", tempfile.mkdtemp(prefix="gd-bench-"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task]
-    for flag in ("config", "precision", "device", "steps", "threads", "nll_steps", "nll_batch"):
+    for flag in ("config", "device", "steps", "threads", "nll_steps", "nll_batch", "peak_tflops"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
+    cmd += ["--precision", precision_of(impl_path, args)]
     for flag in ("compile", "channels_last", "tf32"):
         if getattr(args, flag) and (args.flags_for == "both" or impl_path == ROOT):
             cmd.append(f"--{flag}")
@@ -128,6 +147,13 @@ def run_worker(impl_path, task, args):
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def precision_of(impl_path, args):
+    """The precision an implementation runs in (--original_precision can differ for the original)."""
+    if impl_path != ROOT and args.original_precision:
+        return args.original_precision
+    return args.precision
 
 
 def drive(args):
@@ -152,6 +178,7 @@ def drive(args):
                 records[(impl, task)].append(rec)
                 print(f"round {r + 1}/{args.rounds} {task:9s} {impl:8s} "
                       + (f"{rec['images_per_s']:9.2f} img/s  peak {rec['peak_mb']:8.1f} MB"
+                         + (f"  MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else "")
                          if "error" not in rec else f"ERROR {rec['error']}"), file=sys.stderr)
 
     summary = []
@@ -166,7 +193,13 @@ def drive(args):
                 "images_per_s": statistics.median(x["images_per_s"] for x in good),
                 "peak_mb": statistics.median(x["peak_mb"] for x in good),
                 "rounds": len(good),
+                "precision": precision_of(impls[impl], args),
             }
+            if "model_gflop_per_image" in good[0]:
+                row[impl]["model_gflop_per_image"] = good[0]["model_gflop_per_image"]
+                row[impl]["model_tflops"] = statistics.median(x["model_tflops"] for x in good)
+                if good[0].get("mfu") is not None:
+                    row[impl]["mfu"] = statistics.median(x["mfu"] for x in good)
         if "ours" in row and "original" in row and "error" not in row["ours"] and "error" not in row["original"]:
             row["speedup"] = row["ours"]["images_per_s"] / row["original"]["images_per_s"]
             row["memory_ratio"] = row["ours"]["peak_mb"] / row["original"]["peak_mb"]
@@ -184,13 +217,21 @@ def drive(args):
         if "speedup" in row:
             line += f"{row['speedup']:9.2f}x{row['memory_ratio']:7.2f}x"
         print(line)
+    for row in summary:
+        for impl in impls:
+            cell = row[impl]
+            if "model_tflops" in cell:
+                mfu = f", MFU {cell['mfu']:.1%}" if "mfu" in cell else ""
+                print(f"{row['task']} {impl} ({cell['precision']}): {cell['model_gflop_per_image']:.1f} model "
+                      f"GFLOP per image, {cell['model_tflops']:.1f} TFLOP/s{mfu}")
 
     meta = {
         "config": args.config, "precision": args.precision, "device": args.device,
+        "original_precision": args.original_precision or args.precision,
         "threads": args.threads, "rounds": args.rounds, "compile": args.compile,
         "channels_last": args.channels_last, "tf32": args.tf32, "nll_batch": args.nll_batch,
         "flags_for": args.flags_for, "fused_adam": args.fused_adam,
-        "disable": args.disable, "load_average": os.getloadavg(),
+        "disable": args.disable, "load_average": os.getloadavg(), "peak_tflops": args.peak_tflops,
         "machine": machine_description(args.device),
     }
     if args.json:
@@ -212,6 +253,13 @@ def machine_description(device):
 # ----------------------------------------------------------------------------
 # Worker: runs inside a fresh process, with one implementation on sys.path
 # ----------------------------------------------------------------------------
+
+
+def running_ours():
+    """Whether the guided_diffusion this worker imports is the one in this checkout."""
+    import guided_diffusion
+
+    return Path(guided_diffusion.__file__).resolve().parent.parent == ROOT
 
 
 def peak_memory_mb(device):
@@ -282,6 +330,7 @@ def task_train(args):
     from guided_diffusion.resample import UniformSampler
 
     model, diffusion, flags, batch_size = build(args)
+    gflop = forward_gflop_per_image(args, model, flags)
     model.train()
     trainer = MixedPrecisionTrainer(model=model, use_fp16=flags["use_fp16"])
     opt = torch.optim.AdamW(trainer.master_params, lr=1e-4, **adamw_options(args.fused_adam))
@@ -299,7 +348,7 @@ def task_train(args):
         if trainer.optimize(opt):
             update_ema(ema, trainer.master_params, rate=0.9999)
 
-    return timed(args, step, warmup=2, repeats=args.steps, images=batch_size)
+    return add_utilisation(args, timed(args, step, warmup=2, repeats=args.steps, images=batch_size), gflop)
 
 
 def task_sample(args, ddim):
@@ -372,11 +421,8 @@ def task_image_nll(args):
     Image.fromarray(pixels.numpy()).save(work / "data" / "image_0.png")
     del model
 
-    import guided_diffusion
-
-    ours = Path(guided_diffusion.__file__).resolve().parent.parent == ROOT
     start = time.perf_counter()
-    if ours:
+    if running_ours():
         argv = [f"--{k}={v}" for k, v in flags.items() if k != "timestep_respacing"]
         argv += [f"--model_path={work / 'model.pt'}", f"--data_dir={work / 'data'}", "--num_samples=1",
                  "--batch_size=1", f"--nll_batch={args.nll_batch}", "--seed=0", f"--log_dir={work / 'log'}"]
@@ -436,6 +482,7 @@ def task_trainloop(args):
     dist_util.setup_dist()
     logger.configure(dir=tempfile.mkdtemp(prefix="gd-bench-loop-"), format_strs=["log"])
     model, diffusion, flags, batch_size = build(args)
+    gflop = forward_gflop_per_image(args, model, flags)
     x, kwargs = inputs(args, flags, batch_size)
 
     def data():
@@ -446,14 +493,28 @@ def task_trainloop(args):
         model=model, diffusion=diffusion, data=data(), batch_size=batch_size, microbatch=-1,
         lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=10**9, resume_checkpoint="",
         use_fp16=flags["use_fp16"], lr_anneal_steps=args.steps,
-        **({"fused_adam": True} if args.fused_adam else {}),
+        **ours_trainloop_options(args),
     )
     sync(args.device)
     start = time.perf_counter()
     loop.run_loop()
     sync(args.device)
     elapsed = time.perf_counter() - start
-    return {"images_per_s": batch_size * args.steps / elapsed, "seconds": elapsed}
+    return add_utilisation(args, {"images_per_s": batch_size * args.steps / elapsed, "seconds": elapsed}, gflop)
+
+
+def ours_trainloop_options(args):
+    """TrainLoop options only ours has: its bf16, compile and fused-AdamW switches."""
+    options = {}
+    if not running_ours():
+        return options
+    if args.fused_adam:
+        options["fused_adam"] = True
+    if args.precision == "bf16":
+        options["use_bf16"] = True
+    if args.compile:
+        options["compile"] = True
+    return options
 
 
 def adamw_options(fused=False):
@@ -462,6 +523,43 @@ def adamw_options(fused=False):
 
     options = getattr(train_util, "_adamw_speed_options", None)
     return options(fused) if options is not None else {}
+
+
+def forward_gflop_per_image(args, model, flags):
+    """Matmul and convolution GFLOPs of one forward pass per image, counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, kwargs = inputs(args, flags, 2)
+    t = torch.tensor([1, flags["diffusion_steps"] // 2], device=x.device)
+    with torch.no_grad(), autocast(args), FlopCounterMode(display=False) as counter:
+        model(x, t, **kwargs)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def peak_tflops(args):
+    """The dense peak of the GPU for the run's precision (None on CPU or an unknown GPU)."""
+    if args.peak_tflops > 0:
+        return args.peak_tflops
+    if args.device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    kind = args.precision if args.precision != "fp32" else ("tf32" if args.tf32 else "fp32")
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table[kind]
+    return None
+
+
+def add_utilisation(args, record, gflop_per_image):
+    """Model FLOPs of a training step (3 forward passes per image), TFLOP/s achieved, and MFU."""
+    tflops = 3 * gflop_per_image * record["images_per_s"] / 1e3
+    peak = peak_tflops(args)
+    record.update(model_gflop_per_image=3 * gflop_per_image, model_tflops=tflops,
+                  peak_tflops=peak, mfu=tflops / peak if peak else None)
+    return record
 
 
 def timed(args, fn, warmup, repeats, images):
@@ -504,6 +602,12 @@ def main(argv=None):
     p.add_argument("--impls", default="ours,original", help="comma-separated: ours, original")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16 is the original's scheme (fp16 torso, fp32 master weights); bf16 is autocast")
+    p.add_argument("--original_precision", default="", choices=["", "fp32", "fp16", "bf16"],
+                   help="the original's precision when it differs from --precision (e.g. ours in bf16 "
+                        "against the original's own fp16 scheme)")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the accelerator's dense peak for the MFU figure (default: the datasheet value of "
+                        "a known GPU for the precision; none on CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
