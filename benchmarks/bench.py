@@ -519,10 +519,11 @@ def ours_trainloop_options(args):
 
 def adamw_options(fused=False):
     """The AdamW options the implementation's own TrainLoop uses (the original: torch's defaults)."""
+    if not running_ours():  # (the original's train_util needs blobfile and mpi4py just to import)
+        return {}
     from guided_diffusion import train_util
 
-    options = getattr(train_util, "_adamw_speed_options", None)
-    return options(fused) if options is not None else {}
+    return train_util._adamw_speed_options(fused)
 
 
 def forward_gflop_per_image(args, model, flags):

@@ -1,5 +1,6 @@
 """Specifications of scripts/image_nll.py on a tiny model and a folder of 8x8 images."""
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion import checkpoints, script_util, sample_util
+from guided_diffusion import checkpoints, dist_util, script_util, sample_util
 from guided_diffusion.image_datasets import load_data
 
 torch.set_num_threads(1)
@@ -73,9 +74,13 @@ def test_reported_bpd_equals_calc_bpd_loop_on_the_same_data(setup, nll, tmp_path
     bpd = nll.main(_argv(setup, tmp_path))
     batch, _ = next(load_data(data_dir=setup["data_dir"], batch_size=4, image_size=8, deterministic=True,
                               random_flip=False))
-    torch.manual_seed(sample_util.derived_seed(3, 0, 0))  # rank 0, first round: the script's noise
+    # The script's noise: rank 0, first round, drawn on the script's device (a GPU where there is one).
+    device = dist_util.dev()
+    torch.manual_seed(sample_util.derived_seed(3, 0, 0))
     with torch.no_grad():
-        metrics = setup["diffusion"].calc_bpd_loop(setup["model"], batch, clip_denoised=True)
+        metrics = setup["diffusion"].calc_bpd_loop(copy.deepcopy(setup["model"]).to(device), batch.to(device),
+                                                    clip_denoised=True)
+    metrics = {k: v.cpu() for k, v in metrics.items()}
     assert bpd == pytest.approx(metrics["total_bpd"].mean().item(), rel=1e-6)
     terms = _terms(tmp_path)
     for name, values in terms.items():
