@@ -2,8 +2,10 @@
 # The GPU checks and figures of benchmarks/README.md, in one run on a machine with
 # one CUDA GPU (run from the repository root):
 #
-#   bash benchmarks/gpu_suite.sh [results-folder]
+#   bash benchmarks/gpu_suite.sh [results-folder]                # PART=measure (default)
+#   PART=explore bash benchmarks/gpu_suite.sh [results-folder]   # what is not measured yet
 #
+# PART=measure (about 8 minutes, what benchmarks/README.md reports):
 # 1. the CUDA tests (tests/test_cuda.py) and the script tests, which then run on the GPU
 #    (their slow cases start two processes, which one GPU cannot host under NCCL);
 # 2. the issue-8 training target: ours in bf16 with SDPA and torch.compile against the
@@ -11,6 +13,8 @@
 # 3. NLL at batch size 1 (calc_bpd_loop, 1000 steps): the original, one timestep per
 #    call, against ours with --nll_batch in fp32, TF32 and bf16;
 # 4. like-for-like training steps (both fp16; both strict fp32).
+# PART=explore (about 10 minutes): compiled training with --channels_last and in
+# the fp16 scheme, and DDIM sampling against the original in fp32 and ours in bf16.
 #
 # Each step has its own time limit, so a slow one cannot starve the rest, and each
 # bench round prints its figures as it finishes. The original package is fetched
@@ -35,9 +39,28 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
     echo "== $name: exit $rc"
 }
 
+part=${PART:-measure}
+case $part in
+    measure | explore) ;;
+    *) echo "PART must be measure or explore, got '$part'" >&2; exit 2 ;;
+esac
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
   nproc; } 2>&1 | tee "$out/machine.txt"
+
+if [ "$part" = explore ]; then
+    step train_bf16_compile_cl "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls original,ours \
+        --precision bf16 --original_precision fp16 --compile --channels_last --flags_for ours --rounds 1 \
+        --steps 20 --json "$out/gpu_train_bf16_compile_cl.json"
+    step train_fp16_compile "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls ours --precision fp16 \
+        --compile --rounds 1 --steps 20 --json "$out/gpu_train_fp16_compile.json"
+    step ddim_fp32 "${T_SAME:-90}" "$py" "${bench[@]}" --tasks ddim --impls original,ours --rounds 1 \
+        --json "$out/gpu_ddim_fp32.json"
+    step ddim_bf16 "${T_SAME:-90}" "$py" "${bench[@]}" --tasks ddim --impls ours --precision bf16 --rounds 1 \
+        --json "$out/gpu_ddim_bf16.json"
+    exit 0
+fi
 
 step tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_sample_scripts.py tests/test_training_scripts.py tests/test_nll_script.py -m "not slow"
@@ -51,7 +74,7 @@ step nll_fp32_k100 "${T_NLL:-90}" "$py" "${bench[@]}" --tasks nll --impls origin
     --rounds 1 --json "$out/gpu_nll_k100.json"
 for variant in "bf16:--precision bf16" "tf32:--tf32" "fp32_k1:--nll_batch 1"; do
     name=${variant%%:*}
-    step "nll_$name" "${T_NLL_OURS:-30}" "$py" "${bench[@]}" --tasks nll --impls ours --nll_batch 100 \
+    step "nll_$name" "${T_NLL_OURS:-45}" "$py" "${bench[@]}" --tasks nll --impls ours --nll_batch 100 \
         --rounds 1 ${variant#*:} --json "$out/gpu_nll_$name.json"
 done
 
