@@ -81,7 +81,6 @@ CONFIGS = {
 }
 
 TASKS = ("train", "ddim", "ddpm", "nll", "image_nll", "trainloop")
-TRAINING_TASKS = ("train", "trainloop")
 
 # Dense tensor-core peaks in TFLOP/s from the vendors' datasheets (SXM parts), by
 # precision: fp16 and bf16 run at the same rate; "tf32" is fp32 with --tf32.

@@ -1,9 +1,13 @@
 """benchmarks/bench.py runs its workers and reports for ours (the original needs a download)."""
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +27,35 @@ def test_bench_reports_speed_and_memory_for_the_nll_tasks(tmp_path):
     for task, row in rows.items():
         assert "error" not in row, (task, row, proc.stderr)
         assert row["images_per_s"] > 0 and row["peak_mb"] > 100 and row["rounds"] == 1
+
+
+def test_bench_reports_model_flops_for_a_training_step(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--impls", "ours", "--tasks", "train",
+         "--steps", "1", "--rounds", "1", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["meta"]["original_precision"] == "fp32"
+    (row,) = report["results"]
+    ours = row["ours"]
+    assert "error" not in ours, (ours, proc.stderr)
+    # The small config's forward pass is 3.23 GFLOP per image (convolutions and matmuls);
+    # a training step counts three of them.
+    assert ours["model_gflop_per_image"] == pytest.approx(3 * 3.23, rel=0.01)
+    assert ours["model_tflops"] == pytest.approx(ours["model_gflop_per_image"] * ours["images_per_s"] / 1e3)
+    assert "mfu" not in ours  # no peak is known for a CPU
+    assert "model GFLOP per image" in proc.stdout
+
+
+def test_original_precision_applies_to_the_original_only():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(precision="bf16", original_precision="fp16")
+    assert bench.precision_of(bench.ROOT, args) == "bf16"
+    assert bench.precision_of(Path("/elsewhere/original"), args) == "fp16"
+    args.original_precision = ""
+    assert bench.precision_of(Path("/elsewhere/original"), args) == "bf16"
