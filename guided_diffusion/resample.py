@@ -41,9 +41,10 @@ class ScheduleSampler(ABC):
         p = w / np.sum(w)
         indices = np.random.choice(len(p), size=(batch_size,), p=p)
         importance = 1 / (len(p) * p[indices])
+        # non_blocking: the host arrays are staged at once, without waiting for the GPU.
         return (
-            th.from_numpy(indices).long().to(device),
-            th.from_numpy(importance).float().to(device),
+            th.from_numpy(indices).long().to(device, non_blocking=True),
+            th.from_numpy(importance).float().to(device, non_blocking=True),
         )
 
 

@@ -21,6 +21,7 @@ named after the number of iterations done (the original's convention).
 
 import contextlib
 import copy
+import functools
 import os
 import random
 import re
@@ -87,21 +88,36 @@ def find_ema_checkpoint(main_checkpoint, step, rate):
 def log_loss_dict(diffusion, ts, losses):
     """Log the batch mean of every loss term and its mean per timestep quartile (``{key}_q0..3``).
 
-    Everything logged crosses to the host in one transfer (one device synchronisation
-    per call instead of two per term).
+    Everything logged crosses to the host in one transfer, timesteps included (one
+    device synchronisation per call; the original made three per term).
     """
+    _log_losses(diffusion, ts, losses)
+
+
+def _log_losses(diffusion, ts, losses, extra=()):
+    """`log_loss_dict`, also bringing the float32 scalars ``extra`` to the host in the
+    same transfer; returns their values (a numpy array)."""
     keys = list(losses)
-    if not keys:
-        return
+    if not keys and not extra:
+        return np.zeros(0, dtype=np.float32)
     values = [losses[k].detach().reshape(-1) for k in keys]
-    means = torch.stack([v.mean() for v in values])
-    host = torch.cat([*values, means.to(values[0].dtype)]).cpu().numpy()
-    quartiles = (4 * ts.detach().cpu().numpy() // diffusion.num_timesteps).astype(np.int64)
-    batch = values[0].numel()
-    for i, key in enumerate(keys):
-        logger.logkv_mean(key, host[len(keys) * batch + i].item())
-        for quartile, value in zip(quartiles, host[i * batch : (i + 1) * batch]):
-            logger.logkv_mean(f"{key}_q{int(quartile)}", value)
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in values], torch.float32)
+    batch = values[0].numel() if values else 0
+    parts = [v.to(dtype) for v in values]
+    if keys:
+        # Timesteps travel as floats: exact for every step count below 2**24.
+        parts += [torch.stack([v.mean() for v in values]).to(dtype), ts.detach().reshape(-1).to(dtype)]
+    parts += [e.detach().reshape(1).to(dtype) for e in extra]
+    host = torch.cat(parts).cpu().numpy()
+    if keys:
+        means = host[len(keys) * batch : len(keys) * (batch + 1)]
+        steps = host[len(keys) * (batch + 1) : len(keys) * (batch + 1) + batch]
+        quartiles = (4 * steps.astype(np.int64) // diffusion.num_timesteps).astype(np.int64)
+        for i, key in enumerate(keys):
+            logger.logkv_mean(key, means[i].item())
+            for quartile, value in zip(quartiles, host[i * batch : (i + 1) * batch]):
+                logger.logkv_mean(f"{key}_q{int(quartile)}", value)
+    return host[len(host) - len(extra):]
 
 
 # ---------------------------------------------------------------------------
@@ -486,8 +502,11 @@ class TrainLoop:
     def forward_backward(self, batch, cond):
         self.mp_trainer.zero_grad()
         for i in range(0, batch.shape[0], self.microbatch):
-            micro = batch[i : i + self.microbatch].to(dist_util.dev())
-            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
+            # non_blocking: from the DataLoader's pinned memory the copy overlaps the GPU's
+            # work; from ordinary memory it is staged at once. Either way no wait for the GPU.
+            micro = batch[i : i + self.microbatch].to(dist_util.dev(), non_blocking=True)
+            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev(), non_blocking=True)
+                          for k, v in cond.items()}
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
             sync = contextlib.nullcontext() if last_batch or not self.use_ddp else self.ddp_model.no_sync()
@@ -496,17 +515,23 @@ class TrainLoop:
             if isinstance(self.schedule_sampler, LossAwareSampler):
                 self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
             loss = (losses["loss"] * weights).mean()
-            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
-            if not self.use_fp16:
-                self._check_finite(loss)
+            # In float32/bf16 the loss is checked for NaN/inf before it reaches the weights
+            # (fp16 has its own overflow handling); its value comes back with the logged terms.
+            checked = () if self.use_fp16 else (self._loss_to_check(loss),)
+            host = _log_losses(self.diffusion, t, {k: v * weights for k, v in losses.items()}, extra=checked)
+            if checked:
+                self._check_finite(host[0], loss)
             self.mp_trainer.backward(loss)
 
-    def _check_finite(self, loss):
-        value = loss.detach()
+    def _loss_to_check(self, loss):
+        value = loss.detach().float()
         if self.use_ddp:
             value = value.clone()
             dist.all_reduce(value)  # every rank must stop together
-        if not torch.isfinite(value).item():
+        return value
+
+    def _check_finite(self, value, loss):
+        if not np.isfinite(value):
             saved = self._last_saved or "none yet"
             raise TrainingDivergedError(
                 f"the training loss is {float(loss.detach())} at step {self._global_step()}; training stopped "

@@ -7,14 +7,16 @@ takes about a minute there, most of it compiling.
 """
 
 import contextlib
+import warnings
 
 import pytest
 import torch
 
-from guided_diffusion import perf, script_util
+from guided_diffusion import logger, perf, script_util
 from guided_diffusion import unet as U
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.nn import update_ema
+from guided_diffusion.train_util import TrainLoop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -116,6 +118,28 @@ def test_training_forward_backward_and_ema_never_wait_for_the_gpu():
         loss.backward()
         update_ema(ema, params, rate=0.99)
     assert all(p.grad is not None for p in params)
+
+
+def test_a_trainloop_step_waits_for_the_gpu_twice_at_most(tmp_path):
+    """One transfer for everything logged of the loss (terms, timesteps, the NaN check),
+    one for the gradient and parameter norms; batches and timesteps go up without waiting."""
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    x, _ = batch()
+    loop = TrainLoop(
+        model=tiny_unet(), diffusion=diffusion(), data=iter([]), batch_size=4, microbatch=-1, lr=1e-4,
+        ema_rate="0.99", log_interval=10**6, save_interval=10**6, resume_checkpoint="",
+    )
+    loop.run_step(x.cpu(), {})  # builds the device tables and the optimizer state
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loop.run_step(x.cpu(), {})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) <= 2, waits
 
 
 def test_coefficient_tables_are_copied_to_the_gpu_once_in_float64():

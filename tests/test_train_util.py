@@ -187,3 +187,22 @@ def test_rng_state_round_trip():
 def test_bad_ema_rate_is_named():
     with pytest.raises(ValueError, match="ema_rate.*'0.9;0.99'"):
         train_util._parse_ema_rates("0.9;0.99")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_loss_dict_logs_means_and_quartile_means_in_one_transfer(tmp_path, dtype):
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    diffusion = create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine")
+    ts = torch.tensor([0, 4, 5, 9, 10, 14, 15, 19, 3])
+    gen = torch.Generator().manual_seed(0)
+    losses = {"loss": torch.rand(9, generator=gen, dtype=dtype), "mse": torch.rand(9, generator=gen, dtype=dtype)}
+    extra = torch.tensor(2.5)
+    host = train_util._log_losses(diffusion, ts, losses, extra=(extra,))
+    np.testing.assert_array_equal(host, [2.5])
+    kvs = logger.getkvs()
+    quartile = (4 * ts // 20).numpy()
+    for key, values in losses.items():
+        assert kvs[key] == pytest.approx(values.mean().item(), rel=1e-12)
+        for q in range(4):
+            assert kvs[f"{key}_q{q}"] == pytest.approx(values.numpy()[quartile == q].mean(), rel=1e-6)
+    assert set(kvs) == {f"{k}{s}" for k in losses for s in ("", "_q0", "_q1", "_q2", "_q3")}
