@@ -12,7 +12,8 @@ One code path serves three ways of starting a job:
 
 The backend is ``nccl`` when CUDA is available (one GPU per local rank, chosen
 with ``torch.cuda.set_device``; ``CUDA_VISIBLE_DEVICES`` is never touched) and
-``gloo`` otherwise.
+``gloo`` otherwise. With more processes on a node than it has GPUs, ranks share
+GPUs and the backend is ``gloo`` too: NCCL refuses two ranks on one GPU.
 """
 
 import atexit
@@ -41,8 +42,11 @@ def _torchrun_launched():
     return all(k in os.environ for k in _TORCHRUN_ENV)
 
 
-def _backend():
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def _backend(local_world_size=1):
+    """``nccl`` when every process on this node has a GPU of its own, else ``gloo``."""
+    if torch.cuda.is_available() and local_world_size <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
 
 
 def _local_rank_from_env():
@@ -87,8 +91,12 @@ def _init_from_mpi():
         ) from exc
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
     _select_device(local_rank)
+    # Every rank must pick the same backend: the busiest node decides.
+    backend = _backend(comm.allreduce(local_size, op=MPI.MAX))
     if size == 1:
         _init_single_process()
         return
@@ -100,14 +108,16 @@ def _init_from_mpi():
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(size)
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    dist.init_process_group(_backend(), init_method="env://", rank=rank, world_size=size)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size)
 
 
 def _init_from_torchrun():
     local_rank = _local_rank_from_env()
     _select_device(local_rank or 0)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the same on every node under torchrun
     dist.init_process_group(
-        _backend(), init_method="env://", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+        _backend(local_world_size), init_method="env://", rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
     )
 
 

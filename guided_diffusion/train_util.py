@@ -525,9 +525,10 @@ class TrainLoop:
 
     def _loss_to_check(self, loss):
         value = loss.detach().float()
-        if self.use_ddp:
-            value = value.clone()
-            dist.all_reduce(value)  # every rank must stop together
+        if self.use_ddp:  # every rank must stop together
+            shared = value.to(dist_util._comm_device(), copy=True)
+            dist.all_reduce(shared)
+            value = shared.to(value.device)
         return value
 
     def _check_finite(self, value, loss):

@@ -36,6 +36,31 @@ def test_single_process_group_is_gloo_of_size_one_and_setup_is_idempotent():
     dist_util.barrier()
 
 
+@pytest.mark.parametrize("gpus, local_processes, backend", [
+    (0, 1, "gloo"), (0, 4, "gloo"),   # CPU
+    (1, 1, "nccl"), (8, 8, "nccl"),   # a GPU per process
+    (1, 2, "gloo"), (2, 3, "gloo"),   # processes share GPUs: NCCL would refuse
+])
+def test_backend_is_nccl_only_with_a_gpu_per_local_process(monkeypatch, gpus, local_processes, backend):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert dist_util._backend(local_processes) == backend
+
+
+def test_torchrun_with_more_processes_than_gpus_starts_gloo(monkeypatch):
+    chosen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.setdefault("device", device))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: chosen.update(backend=backend, **kw))
+    for key, value in dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500",
+                           LOCAL_RANK="1", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    dist_util._init_from_torchrun()
+    assert chosen == {"device": 0, "backend": "gloo", "init_method": "env://", "rank": 1, "world_size": 2}
+
+
 def test_plain_process_needs_no_mpi4py():
     r = run_python(
         """
