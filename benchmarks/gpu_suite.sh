@@ -7,7 +7,7 @@
 #
 # PART=measure (about 8 minutes, what benchmarks/README.md reports):
 # 1. the CUDA tests (tests/test_cuda.py) and the script tests, which then run on the GPU
-#    (their slow cases start two processes, which one GPU cannot host under NCCL);
+#    (their slow cases start two processes on the one GPU, which dist_util serves with gloo);
 # 2. the issue-8 training target: ours in bf16 with SDPA and torch.compile against the
 #    original's fp16 scheme, paper64 config, with model FLOP utilisation;
 # 3. NLL at batch size 1 (calc_bpd_loop, 1000 steps): the original, one timestep per
@@ -63,7 +63,7 @@ if [ "$part" = explore ]; then
 fi
 
 step tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/test_sample_scripts.py tests/test_training_scripts.py tests/test_nll_script.py -m "not slow"
+    tests/test_sample_scripts.py tests/test_training_scripts.py tests/test_nll_script.py tests/test_dist_util.py
 
 # Compiling the paper64 training step takes 90-150 s on a 16-core H200 machine.
 step train_bf16_compile "${T_TRAIN:-240}" "$py" "${bench[@]}" --tasks train --impls original,ours \
