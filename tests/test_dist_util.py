@@ -27,11 +27,11 @@ LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORL
                  "MASTER_ADDR", "MASTER_PORT", "PMIX_RANK")
 
 
-def test_single_process_group_is_gloo_of_size_one_and_setup_is_idempotent():
+def test_single_process_group_has_size_one_and_setup_is_idempotent():
     dist_util.setup_dist()
     dist_util.setup_dist()
     assert torch.distributed.get_world_size() == 1
-    assert torch.distributed.get_backend() == "gloo"
+    assert torch.distributed.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
     assert (dist_util.get_rank(), dist_util.get_world_size(), dist_util.is_main_process()) == (0, 1, True)
     dist_util.barrier()
 
