@@ -95,11 +95,11 @@ def _init_from_mpi():
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     _select_device(local_rank)
-    # Every rank must pick the same backend: the busiest node decides.
-    backend = _backend(comm.allreduce(local_size, op=MPI.MAX))
     if size == 1:
         _init_single_process()
         return
+    # Every rank must pick the same backend: the busiest node decides.
+    backend = _backend(comm.allreduce(local_size, op=MPI.MAX))
     address = _host_address() if rank == 0 else None
     port = _free_port() if rank == 0 else None
     address, port = comm.bcast((address, port), root=0)

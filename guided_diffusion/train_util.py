@@ -112,7 +112,7 @@ def _log_losses(diffusion, ts, losses, extra=()):
     if keys:
         means = host[len(keys) * batch : len(keys) * (batch + 1)]
         steps = host[len(keys) * (batch + 1) : len(keys) * (batch + 1) + batch]
-        quartiles = (4 * steps.astype(np.int64) // diffusion.num_timesteps).astype(np.int64)
+        quartiles = 4 * steps.astype(np.int64) // diffusion.num_timesteps
         for i, key in enumerate(keys):
             logger.logkv_mean(key, means[i].item())
             for quartile, value in zip(quartiles, host[i * batch : (i + 1) * batch]):
