@@ -13,17 +13,15 @@ import pytest
 import torch
 
 from guided_diffusion import logger, perf, script_util
-from guided_diffusion import unet as U
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.nn import update_ema
 from guided_diffusion.train_util import TrainLoop
+from test_perf import BF16_TOLERANCE  # bfloat16's bound on a UNet's outputs, documented there
+from test_perf import tiny_unet as cpu_tiny_unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = "cuda"
-# bfloat16 keeps 8 mantissa bits; through a UNet the outputs move by a few percent
-# of their scale (the same bound as tests/test_perf.py on CPU).
-BF16_TOLERANCE = 0.1
 
 
 @pytest.fixture(autouse=True)
@@ -36,19 +34,8 @@ def _strict_float32():
 
 
 def tiny_unet(**kw):
-    """A 2-level, 32-channel UNet with attention at 8x8 for 16x16 inputs, every weight non-zero, on the GPU."""
-    args = dict(
-        image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16, use_scale_shift_norm=True,
-    )
-    args.update(kw)
-    torch.manual_seed(0)
-    model = U.UNetModel(**args)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.2 if p.dim() > 1 else 0.05))
-    return model.to(DEVICE)
+    """tests/test_perf.py's tiny UNet (16x16 inputs, attention at 8x8), with 16-channel heads, on the GPU."""
+    return cpu_tiny_unet(**{"num_head_channels": 16, **kw}).to(DEVICE)
 
 
 def batch(n=4, seed=2):
