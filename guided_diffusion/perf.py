@@ -14,9 +14,10 @@ or in code, ``perf.disable("inplace")`` / ``with perf.disabled("inplace"): ...``
 
 *Performance flags* change the numbers (other kernels, other precisions), so they
 are off unless asked for: ``--compile``, ``--channels_last``, ``--use_bf16``,
-``--tf32`` and ``--fused_adam``. `add_perf_flags` puts them on a script's parser
-(every training and sampling script calls it), and `configure_backends`,
-`prepare_model`, `autocast` and `compile_model` apply them. See docs/performance.md.
+``--tf32``, ``--cudnn_benchmark`` and ``--fused_adam``. `add_perf_flags` puts them
+on a script's parser (every training and sampling script calls it), and
+`configure_backends`, `prepare_model`, `autocast` and `compile_model` apply them.
+See docs/performance.md.
 """
 
 import contextlib
@@ -158,6 +159,10 @@ PERF_FLAGS = {
                         "stay float32); the original float16 scheme stays available as --use_fp16"),
     "tf32": (False, "allow TF32 tensor-core matmuls and convolutions on NVIDIA GPUs (Ampere and "
                     "later); no effect on CPU"),
+    "cudnn_benchmark": (False, "let cuDNN time its candidate algorithms for each new convolution shape "
+                               "and keep the fastest (faster for the fixed shapes of training and "
+                               "sampling after a slower first step; the algorithm picked, and with it "
+                               "the float rounding, can vary from run to run); no effect on CPU"),
 }
 TRAIN_PERF_FLAGS = {
     "fused_adam": (False, "use the fused AdamW kernel, on CPU or GPU (faster; rounds differently "
@@ -180,7 +185,8 @@ def _bool(text):
 
 
 def add_perf_flags(parser, training=False):
-    """Add ``--compile``, ``--channels_last``, ``--use_bf16``, ``--tf32`` (and ``--fused_adam``).
+    """Add ``--compile``, ``--channels_last``, ``--use_bf16``, ``--tf32``, ``--cudnn_benchmark``
+    (and ``--fused_adam``).
 
     Each accepts a bare flag or an explicit value (``--compile``, ``--compile True``).
     """
@@ -212,9 +218,17 @@ def check_flags(args, device):
 
 
 def configure_backends(args, device=None):
-    """Apply the process-wide switches (``--tf32``) and check the flags against ``device``."""
+    """Apply the process-wide switches (``--tf32``, ``--cudnn_benchmark``) and check the flags
+    against ``device``.
+
+    TF32 is set either way (torch allows it for cuDNN convolutions by default, which
+    would change float32 numbers); cuDNN's autotuning is only ever switched on, so a
+    caller that turned it on itself keeps it.
+    """
     device = torch.device(device) if device is not None else torch.device("cpu")
     check_flags(args, device)
+    if _flag(args, "cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
     if torch.cuda.is_available():
         tf32 = _flag(args, "tf32")
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -444,10 +444,25 @@ def test_training_and_sampling_scripts_have_the_perf_flags():
         sys.path.remove("scripts")
     train = image_train.create_argparser().parse_args(["--compile", "--use_bf16", "True", "--tf32"])
     assert train.compile and train.use_bf16 and train.tf32 and not train.fused_adam
-    sample = image_sample.create_argparser().parse_args(["--channels_last"])
-    assert sample.channels_last and not sample.compile
+    assert not train.cudnn_benchmark
+    sample = image_sample.create_argparser().parse_args(["--channels_last", "--cudnn_benchmark"])
+    assert sample.channels_last and sample.cudnn_benchmark and not sample.compile
     nll = image_nll.create_argparser().parse_args(["--use_bf16"])
     assert nll.use_bf16
+
+
+def test_cudnn_benchmark_flag_switches_autotuning_on_and_never_off():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        perf.configure_backends(_perf_args([]), "cpu")
+        assert torch.backends.cudnn.benchmark is False
+        perf.configure_backends(_perf_args(["--cudnn_benchmark"]), "cpu")
+        assert torch.backends.cudnn.benchmark is True
+        perf.configure_backends(_perf_args([]), "cpu")  # a caller's own choice stays
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_channels_last_reaches_the_model_and_keeps_float32_numbers():
