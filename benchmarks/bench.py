@@ -133,19 +133,24 @@ def run_worker(impl_path, task, args):
     env = dict(os.environ, PYTHONPATH=str(impl_path), OMP_NUM_THREADS=str(args.threads))
     env["GUIDED_DIFFUSION_DISABLE"] = args.disable  # our fast paths to turn off (the original ignores it)
     env.setdefault("OPENAI_LOGDIR", tempfile.mkdtemp(prefix="gd-bench-"))
+    proc = subprocess.run(worker_command(impl_path, task, args), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_command(impl_path, task, args):
+    """The command line of the worker measuring ``task`` for the implementation at ``impl_path``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task]
     for flag in ("config", "device", "steps", "threads", "nll_steps", "nll_batch", "peak_tflops"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--precision", precision_of(impl_path, args)]
-    for flag in ("compile", "channels_last", "tf32"):
+    for flag in ("compile", "channels_last", "tf32", "cudnn_benchmark"):
         if getattr(args, flag) and (args.flags_for == "both" or impl_path == ROOT):
             cmd.append(f"--{flag}")
     if args.fused_adam and impl_path == ROOT:  # the original has no such option
         cmd.append("--fused_adam")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return cmd
 
 
 def precision_of(impl_path, args):
@@ -228,7 +233,8 @@ def drive(args):
         "config": args.config, "precision": args.precision, "device": args.device,
         "original_precision": args.original_precision or args.precision,
         "threads": args.threads, "rounds": args.rounds, "compile": args.compile,
-        "channels_last": args.channels_last, "tf32": args.tf32, "nll_batch": args.nll_batch,
+        "channels_last": args.channels_last, "tf32": args.tf32, "cudnn_benchmark": args.cudnn_benchmark,
+        "nll_batch": args.nll_batch,
         "flags_for": args.flags_for, "fused_adam": args.fused_adam,
         "disable": args.disable, "load_average": os.getloadavg(), "peak_tflops": args.peak_tflops,
         "machine": machine_description(args.device),
@@ -581,6 +587,7 @@ def worker(args):
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
         torch.cuda.reset_peak_memory_stats()
     runners = {
         "train": task_train,
@@ -618,11 +625,13 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on GPU")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms per shape and keep the fastest (GPU)")
     p.add_argument("--fused_adam", action="store_true",
                    help="ours only: the fused AdamW kernel of --fused_adam (CPU and GPU; rounds differently)")
     p.add_argument("--flags_for", default="both", choices=["both", "ours"],
-                   help="apply --compile/--channels_last/--tf32 to both implementations or to ours only "
-                        "(ours with its flags against the original as published)")
+                   help="apply --compile/--channels_last/--tf32/--cudnn_benchmark to both implementations "
+                        "or to ours only (ours with its flags against the original as published)")
     p.add_argument("--disable", default="",
                    help="comma-separated fast paths of ours to turn off (guided_diffusion/perf.py FAST_PATHS; "
                         "'all' for every one)")

@@ -4,7 +4,9 @@
 #
 #   bash benchmarks/gpu_suite.sh [results-folder]                # PART=measure (default)
 #   PART=explore bash benchmarks/gpu_suite.sh [results-folder]   # what is not measured yet
+#   PART=explore2 bash benchmarks/gpu_suite.sh [results-folder]  # and the rest of it
 #
+# Each part fits one 10-minute device call; with a 15-minute lease, run explore.
 # PART=measure (about 8 minutes, what benchmarks/README.md reports):
 # 1. the CUDA tests (tests/test_cuda.py) and the script tests, which then run on the GPU
 #    (their slow cases start two processes on the one GPU, which dist_util serves with gloo);
@@ -13,8 +15,11 @@
 # 3. NLL at batch size 1 (calc_bpd_loop, 1000 steps): the original, one timestep per
 #    call, against ours with --nll_batch in fp32, TF32 and bf16;
 # 4. like-for-like training steps (both fp16; both strict fp32).
-# PART=explore (about 10 minutes): compiled training with --channels_last and in
-# the fp16 scheme, and DDIM sampling against the original in fp32 and ours in bf16.
+# PART=explore (at most 9 minutes): the CUDA tests not yet run on a GPU (the TrainLoop's
+# two waits per step, the gloo fallback), compiled bf16 training with --channels_last
+# and --cudnn_benchmark against the original's fp16, and eager bf16 with each of them.
+# PART=explore2 (at most 8 minutes): compiled training in the fp16 scheme, and DDIM
+# sampling against the original in fp32 and ours in bf16.
 #
 # Each step has its own time limit, so a slow one cannot starve the rest, and each
 # bench round prints its figures as it finishes. The original package is fetched
@@ -41,8 +46,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 
 part=${PART:-measure}
 case $part in
-    measure | explore) ;;
-    *) echo "PART must be measure or explore, got '$part'" >&2; exit 2 ;;
+    measure | explore | explore2) ;;
+    *) echo "PART must be measure, explore or explore2, got '$part'" >&2; exit 2 ;;
 esac
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -50,9 +55,21 @@ esac
   nproc; } 2>&1 | tee "$out/machine.txt"
 
 if [ "$part" = explore ]; then
-    step train_bf16_compile_cl "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls original,ours \
-        --precision bf16 --original_precision fp16 --compile --channels_last --flags_for ours --rounds 1 \
-        --steps 20 --json "$out/gpu_train_bf16_compile_cl.json"
+    step tests_cuda "${T_TESTS:-60}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dist_util.py
+    # Most telling first: compiled bf16 in channels-last with cuDNN's autotuning, then
+    # what the layout and the autotuning each bring without the compiler.
+    step train_bf16_compile_cl_bench "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls original,ours \
+        --precision bf16 --original_precision fp16 --compile --channels_last --cudnn_benchmark --flags_for ours \
+        --rounds 1 --steps 20 --json "$out/gpu_train_bf16_compile_cl_bench.json"
+    for variant in "cl:--channels_last" "bench:--cudnn_benchmark" "cl_bench:--channels_last --cudnn_benchmark"; do
+        name=${variant%%:*}
+        step "train_bf16_eager_$name" "${T_SAME:-45}" "$py" "${bench[@]}" --tasks train --impls ours \
+            --precision bf16 --rounds 1 --steps 20 ${variant#*:} --json "$out/gpu_train_bf16_eager_$name.json"
+    done
+    exit 0
+fi
+
+if [ "$part" = explore2 ]; then
     step train_fp16_compile "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls ours --precision fp16 \
         --compile --rounds 1 --steps 20 --json "$out/gpu_train_fp16_compile.json"
     step ddim_fp32 "${T_SAME:-90}" "$py" "${bench[@]}" --tasks ddim --impls original,ours --rounds 1 \

@@ -50,12 +50,43 @@ def test_bench_reports_model_flops_for_a_training_step(tmp_path):
     assert "model GFLOP per image" in proc.stdout
 
 
-def test_original_precision_applies_to_the_original_only():
+def _bench_module():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_original_precision_applies_to_the_original_only():
+    bench = _bench_module()
     args = argparse.Namespace(precision="bf16", original_precision="fp16")
     assert bench.precision_of(bench.ROOT, args) == "bf16"
     assert bench.precision_of(Path("/elsewhere/original"), args) == "fp16"
     args.original_precision = ""
     assert bench.precision_of(Path("/elsewhere/original"), args) == "bf16"
+
+
+def test_speed_flags_reach_the_workers_of_the_implementations_they_are_for():
+    bench = _bench_module()
+    original = Path("/elsewhere/original")
+
+    def command(impl, *argv):
+        args = _parse_bench_args(bench, ["--tasks", "train", "--compile", "--cudnn_benchmark", "--fused_adam", *argv])
+        return bench.worker_command(impl, "train", args)
+
+    for impl in (bench.ROOT, original):
+        assert {"--compile", "--cudnn_benchmark"} <= set(command(impl))
+    assert "--fused_adam" in command(bench.ROOT) and "--fused_adam" not in command(original)
+    assert {"--compile", "--cudnn_benchmark", "--fused_adam"} <= set(command(bench.ROOT, "--flags_for", "ours"))
+    assert not {"--compile", "--cudnn_benchmark", "--fused_adam"} & set(command(original, "--flags_for", "ours"))
+
+
+def _parse_bench_args(bench, argv):
+    """bench.py's driver arguments for ``argv``, as its main() hands them to drive()."""
+    captured = {}
+    drive, bench.drive = bench.drive, lambda args: captured.setdefault("args", args)
+    try:
+        bench.main(argv)
+    finally:
+        bench.drive = drive
+    return captured["args"]
