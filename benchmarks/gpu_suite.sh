@@ -16,8 +16,9 @@
 #    call, against ours with --nll_batch in fp32, TF32 and bf16;
 # 4. like-for-like training steps (both fp16; both strict fp32).
 # PART=explore (at most 9 minutes): the CUDA tests not yet run on a GPU (the TrainLoop's
-# two waits per step, the gloo fallback), compiled bf16 training with --channels_last
-# and --cudnn_benchmark against the original's fp16, and eager bf16 with each of them.
+# two waits per step, the gloo fallback), compiled bf16 training with --channels_last,
+# --cudnn_benchmark and --fused_adam against the original's fp16, and eager bf16 with
+# the first two, each alone and together.
 # PART=explore2 (at most 8 minutes): compiled training in the fp16 scheme, and DDIM
 # sampling against the original in fp32 and ours in bf16.
 #
@@ -56,11 +57,11 @@ esac
 
 if [ "$part" = explore ]; then
     step tests_cuda "${T_TESTS:-60}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dist_util.py
-    # Most telling first: compiled bf16 in channels-last with cuDNN's autotuning, then
-    # what the layout and the autotuning each bring without the compiler.
+    # Most telling first: compiled bf16 in channels-last with cuDNN's autotuning and the
+    # fused AdamW, then what the layout and the autotuning each bring without the compiler.
     step train_bf16_compile_cl_bench "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls original,ours \
-        --precision bf16 --original_precision fp16 --compile --channels_last --cudnn_benchmark --flags_for ours \
-        --rounds 1 --steps 20 --json "$out/gpu_train_bf16_compile_cl_bench.json"
+        --precision bf16 --original_precision fp16 --compile --channels_last --cudnn_benchmark --fused_adam \
+        --flags_for ours --rounds 1 --steps 20 --json "$out/gpu_train_bf16_compile_cl_bench.json"
     for variant in "cl:--channels_last" "bench:--cudnn_benchmark" "cl_bench:--channels_last --cudnn_benchmark"; do
         name=${variant%%:*}
         step "train_bf16_eager_$name" "${T_SAME:-45}" "$py" "${bench[@]}" --tasks train --impls ours \
