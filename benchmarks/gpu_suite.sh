@@ -59,12 +59,12 @@ if [ "$part" = explore ]; then
     step tests_cuda "${T_TESTS:-60}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dist_util.py
     # Most telling first: compiled bf16 in channels-last with cuDNN's autotuning and the
     # fused AdamW, then what the layout and the autotuning each bring without the compiler.
-    step train_bf16_compile_cl_bench "${T_TRAIN:-300}" "$py" "${bench[@]}" --tasks train --impls original,ours \
+    step train_bf16_compile_cl_bench "${T_TRAIN:-360}" "$py" "${bench[@]}" --tasks train --impls original,ours \
         --precision bf16 --original_precision fp16 --compile --channels_last --cudnn_benchmark --fused_adam \
         --flags_for ours --rounds 1 --steps 20 --json "$out/gpu_train_bf16_compile_cl_bench.json"
     for variant in "cl:--channels_last" "bench:--cudnn_benchmark" "cl_bench:--channels_last --cudnn_benchmark"; do
         name=${variant%%:*}
-        step "train_bf16_eager_$name" "${T_SAME:-45}" "$py" "${bench[@]}" --tasks train --impls ours \
+        step "train_bf16_eager_$name" "${T_SAME:-40}" "$py" "${bench[@]}" --tasks train --impls ours \
             --precision bf16 --rounds 1 --steps 20 ${variant#*:} --json "$out/gpu_train_bf16_eager_$name.json"
     done
     exit 0
