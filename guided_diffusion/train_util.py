@@ -98,24 +98,23 @@ def _log_losses(diffusion, ts, losses, extra=()):
     """`log_loss_dict`, also bringing the float32 scalars ``extra`` to the host in the
     same transfer; returns their values (a numpy array)."""
     keys = list(losses)
-    if not keys and not extra:
-        return np.zeros(0, dtype=np.float32)
     values = [losses[k].detach().reshape(-1) for k in keys]
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in values], torch.float32)
-    batch = values[0].numel() if values else 0
     parts = [v.to(dtype) for v in values]
     if keys:
         # Timesteps travel as floats: exact for every step count below 2**24.
         parts += [torch.stack([v.mean() for v in values]).to(dtype), ts.detach().reshape(-1).to(dtype)]
     parts += [e.detach().reshape(1).to(dtype) for e in extra]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
     host = torch.cat(parts).cpu().numpy()
+    pieces = np.split(host, np.cumsum([p.numel() for p in parts])[:-1])  # views, one per part
     if keys:
-        means = host[len(keys) * batch : len(keys) * (batch + 1)]
-        steps = host[len(keys) * (batch + 1) : len(keys) * (batch + 1) + batch]
+        means, steps = pieces[len(keys)], pieces[len(keys) + 1]
         quartiles = 4 * steps.astype(np.int64) // diffusion.num_timesteps
-        for i, key in enumerate(keys):
-            logger.logkv_mean(key, means[i].item())
-            for quartile, value in zip(quartiles, host[i * batch : (i + 1) * batch]):
+        for key, per_sample, mean in zip(keys, pieces, means):
+            logger.logkv_mean(key, mean.item())
+            for quartile, value in zip(quartiles, per_sample):
                 logger.logkv_mean(f"{key}_q{int(quartile)}", value)
     return host[len(host) - len(extra):]
 
