@@ -12,15 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_reports_speed_and_memory_for_the_nll_tasks(tmp_path):
+def _run_bench(tmp_path, *options):
+    """Run bench.py for ours, one round on one thread, with ``options``: its process and JSON report."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--impls", "ours", "--tasks", "nll,image_nll",
-         "--nll_steps", "4", "--nll_batch", "2", "--rounds", "1", "--threads", "1", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--impls", "ours", "--rounds", "1",
+         "--threads", "1", *options, "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_reports_speed_and_memory_for_the_nll_tasks(tmp_path):
+    proc, report = _run_bench(tmp_path, "--tasks", "nll,image_nll", "--nll_steps", "4", "--nll_batch", "2")
     assert report["meta"]["nll_batch"] == 2
     rows = {row["task"]: row["ours"] for row in report["results"]}
     assert set(rows) == {"nll", "image_nll"}
@@ -30,14 +35,7 @@ def test_bench_reports_speed_and_memory_for_the_nll_tasks(tmp_path):
 
 
 def test_bench_reports_model_flops_for_a_training_step(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--impls", "ours", "--tasks", "train",
-         "--steps", "1", "--rounds", "1", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    proc, report = _run_bench(tmp_path, "--tasks", "train", "--steps", "1")
     assert report["meta"]["original_precision"] == "fp32"
     (row,) = report["results"]
     ours = row["ours"]
