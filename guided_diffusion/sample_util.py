@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import perf
+from .dist_util import _comm_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 GRID_MAX_IMAGES = 64  # the PNG grid beside the npz shows at most this many images
@@ -134,13 +135,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _comm_device() -> torch.device:
-    """Device collectives run on: CUDA for NCCL, CPU otherwise."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
