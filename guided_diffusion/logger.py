@@ -29,10 +29,12 @@ single plain process needs neither.
 import contextlib
 import csv
 import datetime
+import functools
 import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 
@@ -66,12 +68,33 @@ def _short(text, width=30):
 # ----------------------------------------------------------------------------- output formats
 
 
-class TextOutput:
-    """Human-readable output (``log.txt``, or stdout when ``path`` is None): text lines and
-    key/value tables."""
+class KVWriter:
+    """An output that takes key/value rows (``Logger.dumpkvs``)."""
 
-    def __init__(self, path=None):
-        self._file = None if path is None else open(path, "a", encoding="utf-8")
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+
+class SeqWriter:
+    """An output that takes free-text lines (``Logger.log``)."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+
+class TextOutput(KVWriter, SeqWriter):
+    """Human-readable output: text lines and key/value tables.
+
+    ``filename_or_file`` is a file name (appended to), an open text file (written
+    to, not closed), or None for stdout.
+    """
+
+    def __init__(self, filename_or_file=None):
+        self._owned = isinstance(filename_or_file, (str, os.PathLike))
+        if self._owned:
+            self._file = open(filename_or_file, "a", encoding="utf-8")
+        else:
+            self._file = filename_or_file
 
     @property
     def file(self):
@@ -95,22 +118,22 @@ class TextOutput:
         self.file.write("\n".join([rule, *rows, rule]) + "\n")
         self.file.flush()
 
-    def writeseq(self, items):
-        self.file.write(" ".join(str(item) for item in items) + "\n")
+    def writeseq(self, seq):
+        self.file.write(" ".join(str(item) for item in seq) + "\n")
         self.file.flush()
 
     def close(self):
-        if self._file is not None:
+        if self._owned:
             self._file.close()
 
 
-class CSVOutput:
+class CSVOutput(KVWriter):
     """``progress.csv``: one row per dump; a new key adds a column, rewriting the
     header and padding the earlier rows with empty cells. Cells holding commas,
     quotes or newlines are quoted (CSV rules); other cells are ``str(value)``."""
 
-    def __init__(self, path):
-        self.file = open(path, "w+", encoding="utf-8", newline="")
+    def __init__(self, filename):
+        self.file = open(filename, "w+", encoding="utf-8", newline="")
         self.keys = []
 
     def _writerows(self, rows):
@@ -132,11 +155,11 @@ class CSVOutput:
         self.file.close()
 
 
-class JSONOutput:
+class JSONOutput(KVWriter):
     """``progress.json``: one JSON object per dump (JSON lines)."""
 
-    def __init__(self, path):
-        self.file = open(path, "w", encoding="utf-8")
+    def __init__(self, filename):
+        self.file = open(filename, "w", encoding="utf-8")
 
     def writekvs(self, kvs):
         row = {key: _plain(value) for key, value in kvs.items()}
@@ -147,10 +170,10 @@ class JSONOutput:
         self.file.close()
 
 
-class TensorBoardOutput:
+class TensorBoardOutput(KVWriter):
     """TensorBoard event files (needs the ``tensorboard`` package); one step per dump."""
 
-    def __init__(self, path):
+    def __init__(self, dir):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
@@ -159,7 +182,7 @@ class TensorBoardOutput:
                 f"({err}). Install it with `pip install tensorboard`, or drop 'tensorboard' from "
                 "format_strs / $OPENAI_LOG_FORMAT."
             ) from err
-        self.writer = SummaryWriter(log_dir=path)
+        self.writer = SummaryWriter(log_dir=dir)
         self.step = 0
 
     def writekvs(self, kvs):
@@ -172,6 +195,13 @@ class TensorBoardOutput:
 
     def close(self):
         self.writer.close()
+
+
+# The original's names for the outputs.
+HumanOutputFormat = TextOutput
+CSVOutputFormat = CSVOutput
+JSONOutputFormat = JSONOutput
+TensorBoardOutputFormat = TensorBoardOutput
 
 
 def make_output_format(format, ev_dir, log_suffix=""):
@@ -214,6 +244,13 @@ def weighted_mean(gathered):
     for key, total in counts.items():
         result[key] = sums[key] / total
     return result
+
+
+def mpi_weighted_mean(comm, local_name2valcount):
+    """Count-weighted means of ``{name: (value, count)}`` over the ranks of the mpi4py
+    communicator ``comm``: the result on rank 0, ``{}`` on the others."""
+    gathered = comm.gather(local_name2valcount)
+    return weighted_mean(gathered) if comm.Get_rank() == 0 else {}
 
 
 def _initialized_torch_distributed():
@@ -369,6 +406,32 @@ def get_dir():
 
 record_tabular = logkv
 dump_tabular = dumpkvs
+
+
+@contextlib.contextmanager
+def profile_kv(scopename):
+    """Add the seconds spent inside the ``with`` block to the diagnostic ``wait_{scopename}``."""
+    key = "wait_" + scopename
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        values = get_current().name2val
+        values[key] = values.get(key, 0.0) + time.perf_counter() - start
+
+
+def profile(n):
+    """Decorator: time every call of the function under ``profile_kv(n)``."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return timed
+
+    return decorate
 
 
 def get_rank_without_mpi_import():

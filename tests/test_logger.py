@@ -326,3 +326,50 @@ def test_stdout_output_follows_later_redirections_of_sys_stdout(tmp_path):
     with contextlib.redirect_stdout(captured):
         logger.log("redirected", 1)
     assert captured.getvalue() == "redirected 1\n"
+
+
+def test_original_output_class_names_write_to_open_streams_without_closing_them(tmp_path):
+    stream = io.StringIO()
+    human = logger.HumanOutputFormat(stream)
+    assert isinstance(human, logger.KVWriter) and isinstance(human, logger.SeqWriter)
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    logger.get_current().output_formats.append(human)
+    logger.log("hello", 2)
+    logger.logkv("loss", 0.5)
+    logger.dumpkvs()
+    logger.get_current().close()
+    assert not stream.closed
+    assert stream.getvalue().startswith("hello 2\n") and "| loss | 0.5" in stream.getvalue()
+    assert logger.CSVOutputFormat is logger.CSVOutput and logger.JSONOutputFormat is logger.JSONOutput
+    assert issubclass(logger.TensorBoardOutputFormat, logger.KVWriter)
+
+
+def test_profile_kv_adds_the_time_spent_to_a_wait_diagnostic(tmp_path, monkeypatch):
+    clock = iter([10.0, 10.25, 20.0, 20.5])
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: next(clock))
+    logger.configure(dir=str(tmp_path), format_strs=[])
+
+    @logger.profile("data")
+    def load():
+        return "batch"
+
+    with logger.profile_kv("data"):
+        pass
+    assert load() == "batch"
+    assert logger.getkvs() == {"wait_data": 0.75}
+
+
+def test_mpi_weighted_mean_is_the_count_weighted_mean_on_rank_zero_only():
+    class Comm:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def gather(self, local):
+            return [{"loss": (1.0, 1), "acc": (0.5, 3)}, local]
+
+        def Get_rank(self):
+            return self.rank
+
+    local = {"loss": (4.0, 2), "acc": (0.9, 1)}
+    assert logger.mpi_weighted_mean(Comm(0), local) == pytest.approx({"loss": 3.0, "acc": 0.6})
+    assert logger.mpi_weighted_mean(Comm(1), local) == {}
