@@ -22,20 +22,21 @@ class TrainingDivergedError(RuntimeError):
     """Training produced non-finite losses or gradients that loss scaling cannot fix."""
 
 
-def convert_module_to_f16(module):
-    """Cast the weight and bias of a convolution to float16 (other layers untouched)."""
-    if isinstance(module, _HALF_CONVERTIBLE):
-        module.weight.data = module.weight.data.half()
-        if module.bias is not None:
-            module.bias.data = module.bias.data.half()
+def convert_module_to_f16(l):  # noqa: E741 (the original's parameter name, for keyword calls)
+    """Cast the weight and bias of the module ``l``, if a convolution, to float16 (others untouched)."""
+    _cast_conv(l, torch.float16)
 
 
-def convert_module_to_f32(module):
+def convert_module_to_f32(l):  # noqa: E741
     """Undo `convert_module_to_f16`: cast a convolution's parameters back to float32."""
+    _cast_conv(l, torch.float32)
+
+
+def _cast_conv(module, dtype):
     if isinstance(module, _HALF_CONVERTIBLE):
-        module.weight.data = module.weight.data.float()
+        module.weight.data = module.weight.data.to(dtype)
         if module.bias is not None:
-            module.bias.data = module.bias.data.float()
+            module.bias.data = module.bias.data.to(dtype)
 
 
 def get_param_groups_and_shapes(named_model_params):
@@ -71,8 +72,13 @@ def model_grads_to_master_grads(param_groups_and_shapes, master_params):
     A parameter without a gradient contributes zeros.
     """
     for master, (params, shape) in zip(master_params, param_groups_and_shapes):
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+        grads = [param_grad_or_zeros(p) for _, p in params]
         master.grad = _flat_float32(grads).to(master.device).view(shape)
+
+
+def param_grad_or_zeros(param):
+    """``param``'s gradient (detached), or zeros like ``param`` when it has none."""
+    return param.grad.detach() if param.grad is not None else torch.zeros_like(param)
 
 
 def unflatten_master_params(param_group, master_param):
