@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import perf
 from .dist_util import _comm_device
+from .script_util import str2bool
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 GRID_MAX_IMAGES = 64  # the PNG grid beside the npz shows at most this many images
@@ -71,6 +72,11 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
     )
     parser.add_argument("--save_png", action="store_true", help="also write one PNG per image")
     parser.add_argument("--progress", action="store_true", help="show a progress bar over diffusion steps")
+    parser.add_argument(
+        "--use_plms", type=str2bool, nargs="?", const=True, default=False,
+        help="sample with PLMS, pseudo linear multistep (Liu et al. 2022): few respaced steps "
+        "(--timestep_respacing 50), no noise after the start; not with --use_ddim (default: False)",
+    )
     perf.add_perf_flags(parser)
     if class_choice:
         parser.add_argument(
@@ -487,6 +493,16 @@ def prepare_model(model: torch.nn.Module, path: str, *, flag: str, flags: dict, 
     return model.eval()
 
 
+def pick_sample_loop(diffusion, args: argparse.Namespace) -> Callable:
+    """The sampling loop the flags ask for: DDPM, ``--use_ddim`` or ``--use_plms``."""
+    use_plms = getattr(args, "use_plms", False)
+    if args.use_ddim and use_plms:
+        raise UsageError("--use_ddim and --use_plms pick two different samplers; pass only one of them.")
+    if use_plms:
+        return diffusion.plms_sample_loop
+    return diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+
+
 def generate_and_save(
     args: argparse.Namespace,
     *,
@@ -513,7 +529,7 @@ def generate_and_save(
     rank, world = rank_and_world()
     seed = resolve_seed(args.seed)
     logger.log(f"sampling {args.num_samples} images with seed {seed} on {world} process(es)")
-    sample_loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    sample_loop = pick_sample_loop(diffusion, args)
     channels, height, width = image_shape
 
     def make_batch(index: int, size: int):
