@@ -34,12 +34,18 @@ def _parameters(func):
     return params
 
 
-def _methods(cls):
-    for name, value in vars(cls).items():
-        if isinstance(value, (staticmethod, classmethod)):
-            value = value.__func__
-        if inspect.isfunction(value):
-            yield name, value
+def _methods(cls, package):
+    """Methods of ``cls``, inherited ones included when they come from ``package``."""
+    seen = set()
+    for owner in cls.__mro__:
+        if not owner.__module__.startswith(package + "."):
+            continue
+        for name, value in vars(owner).items():
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if inspect.isfunction(value) and name not in seen:
+                seen.add(name)
+                yield name, value
 
 
 def dump(gd):
@@ -52,7 +58,7 @@ def dump(gd):
                 continue
             if inspect.isclass(value):
                 found[f"{short}.{name}"] = "class"
-                for method, func in _methods(value):
+                for method, func in _methods(value, gd.__name__):
                     found[f"{short}.{name}.{method}"] = _parameters(func)
             elif inspect.isfunction(value):
                 found[f"{short}.{name}"] = _parameters(value)
