@@ -196,14 +196,11 @@ class Samplers:
 
         eps, pred_xstart, unguided_xstart = guided_eps(x, t)
         if order > 1 and old_out is None:
-            if bool((t == 0).any()):
-                raise ValueError(
-                    "a first PLMS step with order > 1 needs t >= 1 (its improved-Euler half step "
-                    "queries t - 1); sample with at least two steps, or pass order=1."
-                )
             history = [eps]
             halfway = self._ddim_update(x, t, pred_xstart, 0.0, eps=eps, draw_noise=False)
-            eps_next, _, _ = guided_eps(halfway, t - 1)
+            # At t = 0 the step returns pred_xstart whatever the half step gives; clamping
+            # keeps that half step inside the chain (the fork wraps around to its end).
+            eps_next, _, _ = guided_eps(halfway, (t - 1).clamp(min=0))
             eps_prime = (eps + eps_next) / 2
         else:
             history = [] if old_out is None else old_out["old_eps"]

@@ -92,6 +92,28 @@ def test_sampling_and_nll_loops_never_wait_for_the_gpu():
     assert torch.isfinite(nll["total_bpd"]).all()
 
 
+def test_plms_and_the_fork_options_never_wait_for_the_gpu_and_match_the_cpu():
+    model = tiny_unet(num_classes=3).eval()
+    respaced = diffusion("6")
+    labels = {"y": torch.tensor([0, 2], device=DEVICE)}
+    init = batch(2)[0]
+    respaced.plms_sample_loop(model, (2, 3, 16, 16), model_kwargs=labels)  # tables to the GPU, once
+    start = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    torch.manual_seed(0)
+    with no_host_sync():
+        plms = respaced.plms_sample_loop(model, (2, 3, 16, 16), noise=start, model_kwargs=labels, order=3)
+        sdedit = respaced.ddim_sample_loop(
+            model, (2, 3, 16, 16), noise=start, init_image=init, skip_timesteps=2,
+            randomize_class=True, model_kwargs=dict(labels),
+        )
+    cpu_model = tiny_unet(num_classes=3).cpu().eval()
+    cpu_model.load_state_dict(model.state_dict())
+    want = respaced.plms_sample_loop(cpu_model, (2, 3, 16, 16), noise=start.cpu(), order=3,
+                                     model_kwargs={"y": labels["y"].cpu()})
+    assert relative_error(plms.cpu(), want) < 1e-4
+    assert sdedit.shape == (2, 3, 16, 16) and torch.isfinite(sdedit).all()
+
+
 def test_training_forward_backward_and_ema_never_wait_for_the_gpu():
     model = tiny_unet().train()
     d = diffusion()

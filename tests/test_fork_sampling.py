@@ -111,8 +111,9 @@ def test_plms_order_outside_one_to_four_is_refused(order):
         _diffusion().plms_sample_loop(scenarios.ToyModel(), scenarios.SHAPE, order=order)
 
 
-def test_plms_needs_two_steps_for_its_improved_euler_start():
-    with pytest.raises(ValueError, match="at least two steps"):
-        _diffusion("1").plms_sample_loop(scenarios.ToyModel(), scenarios.SHAPE)
-    single = _diffusion("1").plms_sample_loop(scenarios.ToyModel(), scenarios.SHAPE, order=1)
-    assert single.shape == scenarios.SHAPE and th.isfinite(single).all()
+def test_plms_on_a_one_step_chain_returns_the_x0_prediction_like_ddim():
+    diffusion, model = _diffusion("1"), scenarios.ToyModel()
+    start = th.randn(scenarios.SHAPE, generator=th.Generator().manual_seed(1))
+    plms = diffusion.plms_sample_loop(model, scenarios.SHAPE, noise=start.clone())
+    ddim = diffusion.ddim_sample_loop(model, scenarios.SHAPE, noise=start.clone())
+    np.testing.assert_allclose(plms.numpy(), ddim.numpy(), atol=1e-6)
