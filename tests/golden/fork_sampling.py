@@ -166,6 +166,19 @@ def run(gd):
         model, SHAPE, cond_fn=_grad_fn(), cond_fn_with_grad=True, order=3, model_kwargs=labels()
     ).numpy()
 
+    # improved-diffusion's convention: the model sees timesteps rescaled to 0..1000.
+    rescaled = script_util.create_gaussian_diffusion(
+        steps=100, learn_sigma=True, noise_schedule="linear", timestep_respacing="10", rescale_timesteps=True
+    )
+    th.manual_seed(22)
+    out["plms2_rescaled/sample"] = rescaled.plms_sample_loop(
+        model, SHAPE, cond_fn=_score_fn(), model_kwargs=labels()
+    ).numpy()
+    th.manual_seed(23)
+    out["ddim_grad_rescaled/sample"] = rescaled.ddim_sample_loop(
+        model, SHAPE, cond_fn=_grad_fn(), cond_fn_with_grad=True, model_kwargs=labels()
+    ).numpy()
+
     x, t = _image(14), th.tensor([3, 9])
     th.manual_seed(30)
     step = diffusion.p_sample_with_grad(model, x, t, cond_fn=_grad_fn(), model_kwargs=labels())
