@@ -107,24 +107,37 @@ class Samplers:
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
     ):
         """One DDIM step x_t -> x_{t-1} (Song et al., eq. 12; eta=1 recovers DDPM's variance)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        guided = out if cond_fn is None else self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = self._ddim_update(x, t, guided["pred_xstart"], eta)
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        x0, guided_x0 = self._x0_predictions(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        return {"sample": self._ddim_update(x, t, guided_x0, eta), "pred_xstart": x0}
 
     def ddim_sample_with_grad(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
     ):
         """``ddim_sample`` with guidance through the model: ``cond_fn`` is called as in
         ``condition_mean_with_grad``. Same random draws; returns detached tensors."""
-        with th.enable_grad():
-            x = x.detach().requires_grad_()
-            out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-            guided = out
-            if cond_fn is not None:
-                guided = self.condition_score_with_grad(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = self._ddim_update(x.detach(), t, guided["pred_xstart"].detach(), eta)
-        return {"sample": sample, "pred_xstart": out["pred_xstart"].detach()}
+        x = x.detach()
+        x0, guided_x0 = self._x0_predictions(
+            model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=True
+        )
+        return {"sample": self._ddim_update(x, t, guided_x0.detach(), eta), "pred_xstart": x0.detach()}
+
+    def _x0_predictions(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=False):
+        """The model's x_0 prediction at (x, t), and that prediction guided through the score
+        (``condition_score``; the same tensor when ``cond_fn`` is None).
+
+        With ``with_grad`` and a ``cond_fn``, the model runs under autograd on a fresh leaf
+        copy of x, ``condition_score_with_grad`` guides, and both come back detached.
+        Draws no random numbers.
+        """
+        if with_grad and cond_fn is not None:
+            with th.enable_grad():
+                leaf = x.detach().requires_grad_()
+                out = self.p_mean_variance(model, leaf, t, clip_denoised, denoised_fn, model_kwargs)
+                guided = self.condition_score_with_grad(cond_fn, out, leaf, t, model_kwargs=model_kwargs)
+            return out["pred_xstart"].detach(), guided["pred_xstart"].detach()
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        guided = out if cond_fn is None else self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        return out["pred_xstart"], guided["pred_xstart"]
 
     def _ddim_update(self, x, t, pred_xstart, eta, eps=None, draw_noise=True):
         """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al., eq. 12).
@@ -140,11 +153,10 @@ class Samplers:
         abar_prev = self._gather64("alphas_cumprod_prev", t)
         sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
         coef_eps = th.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
-        noise = th.randn_like(x) if draw_noise else None
         mean = pred_xstart * self._expand(th.sqrt(abar_prev), x) + self._expand(coef_eps, x) * eps
-        if noise is None:
+        if not draw_noise:
             return mean
-        return mean + _nonzero_mask(t, x) * self._expand(sigma, x) * noise
+        return mean + _nonzero_mask(t, x) * self._expand(sigma, x) * th.randn_like(x)
 
     def ddim_reverse_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, *, cond_fn=None
@@ -182,17 +194,10 @@ class Samplers:
             raise ValueError(f"PLMS order must be an integer from 1 to 4; got {order!r}.")
 
         def guided_eps(x, t):
-            needs_grad = cond_fn_with_grad and cond_fn is not None
-            with th.set_grad_enabled(needs_grad):
-                x = x.detach().requires_grad_() if needs_grad else x
-                out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-                guided = out
-                if cond_fn is not None and cond_fn_with_grad:
-                    guided = self.condition_score_with_grad(cond_fn, out, x, t, model_kwargs=model_kwargs)
-                elif cond_fn is not None:
-                    guided = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-            x, pred_xstart = x.detach(), guided["pred_xstart"].detach()
-            return self._predict_eps_from_xstart(x, t, pred_xstart), pred_xstart, out["pred_xstart"].detach()
+            x0, guided_x0 = self._x0_predictions(
+                model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=cond_fn_with_grad
+            )
+            return self._predict_eps_from_xstart(x, t, guided_x0), guided_x0, x0
 
         eps, pred_xstart, unguided_xstart = guided_eps(x, t)
         if order > 1 and old_out is None:
