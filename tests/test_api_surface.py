@@ -8,13 +8,13 @@ where the original has none). Ours may add
 parameters only after the original's positional ones, and only with defaults.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 import guided_diffusion
+from golden import api_signatures
 
 GOLDEN = Path(__file__).parent / "golden"
 ORIGINAL = json.loads((GOLDEN / "api_signatures.json").read_text())
@@ -46,14 +46,7 @@ DIFFERENT_ON_PURPOSE = {
 }
 
 
-def _load_dumper():
-    spec = importlib.util.spec_from_file_location("api_signatures", GOLDEN / "api_signatures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OURS = _load_dumper().dump(guided_diffusion)
+OURS = api_signatures.dump(guided_diffusion)
 
 
 def _is_private(name):

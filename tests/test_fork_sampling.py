@@ -2,7 +2,6 @@
 randomize_class, guidance through the model (cond_fn_with_grad), DDIM transformations
 and PLMS, against what the original fork returned (tests/golden/fork_sampling.npz)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,10 @@ import pytest
 import torch as th
 
 import guided_diffusion
+from golden import fork_sampling as scenarios
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def _load_scenarios():
-    spec = importlib.util.spec_from_file_location("fork_sampling", GOLDEN / "fork_sampling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-scenarios = _load_scenarios()
 REFERENCE = np.load(GOLDEN / "fork_sampling.npz")
 
 

@@ -7,7 +7,6 @@ cores), then every scenario is compared at the tolerances of compare.py, widened
 for the few CPU-dependent keys listed in CPU_DEPENDENT_TOL.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,18 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from golden import compare
+
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("golden_compare", GOLDEN / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()
 
 # Keys whose float32 rounding depends on the CPU's kernels, with the tolerance they need
 # (each term the larger of this table's and compare.py's). public.npz was recorded
