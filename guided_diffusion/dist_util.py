@@ -23,6 +23,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .errors import usage
+
 # Environment variables set by MPI launchers: (rank, size) pairs.
 _MPI_ENV = (
     ("PMI_RANK", "PMI_SIZE"),  # mpich / Intel MPI (hydra)
@@ -242,14 +244,14 @@ def load_state_dict(path, **kwargs):
     data = _broadcast_bytes(data)
     if data is None:
         if error is not None:
-            raise FileNotFoundError(
+            raise usage(FileNotFoundError(
                 f"Could not read checkpoint {path!r} on rank 0: {error}. Check the path given to "
                 "--resume_checkpoint / --model_path."
-            ) from error
-        raise FileNotFoundError(
+            )) from error
+        raise usage(FileNotFoundError(
             f"Rank 0 could not read checkpoint {path!r}; see rank 0's error. Check the path given to "
             "--resume_checkpoint / --model_path."
-        )
+        ))
     return checkpoints.load_checkpoint_bytes(data, name=path, **kwargs)
 
 

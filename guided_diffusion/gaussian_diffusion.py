@@ -27,6 +27,7 @@ import numpy as np
 import torch as th
 
 from . import perf
+from .errors import usage
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 from .samplers import Samplers, _batch_timesteps, _progress
@@ -53,10 +54,10 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
             num_diffusion_timesteps,
             lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
         )
-    raise NotImplementedError(
+    raise usage(NotImplementedError(
         f"unknown beta schedule {schedule_name!r}; choose 'linear' or 'cosine' "
         "(flag --noise_schedule)."
-    )
+    ))
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
@@ -337,10 +338,10 @@ class GaussianDiffusion(Samplers):
                 else f"{self.model_var_type.name} needs C = {channels} output channels; a model "
                 "with 2*C channels learns its variance, so create the diffusion with learn_sigma=True"
             )
-            raise ValueError(
+            raise usage(ValueError(
                 f"model output shape {tuple(model_output.shape)} does not fit input shape "
                 f"{tuple(x.shape)}: expected {expected}. {hint}."
-            )
+            ))
         if learned:
             return th.split(model_output, channels, dim=1)
         return model_output, None
@@ -485,10 +486,10 @@ class GaussianDiffusion(Samplers):
             ``mse`` [B, T], column j holding timestep T-1-j.
         """
         if not isinstance(timesteps_per_call, int) or timesteps_per_call < 1:
-            raise ValueError(
+            raise usage(ValueError(
                 f"timesteps_per_call must be a positive integer; got {timesteps_per_call!r} "
                 "(flag --nll_batch)."
-            )
+            ))
         model_kwargs = model_kwargs or {}
         batch = x_start.shape[0]
         steps = list(range(self.num_timesteps))[::-1]
@@ -526,11 +527,11 @@ def _check_betas(betas):
             f"betas must be a non-empty 1-D array (one variance per step); got shape {betas.shape}."
         )
     if not ((betas > 0).all() and (betas <= 1).all()):
-        raise ValueError(
+        raise usage(ValueError(
             f"betas must lie in (0, 1]; got min {betas.min()!r}, max {betas.max()!r}. The 'linear' "
             "schedule scales 1e-4..0.02 by 1000/T, so it needs T >= 20 steps (flag "
             "--diffusion_steps); use --noise_schedule cosine for fewer steps."
-        )
+        ))
 
 
 def _check_same_shape(a, b, name_a, name_b):

@@ -39,6 +39,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from .errors import usage
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -217,7 +219,7 @@ class ImageDataset:
         in_channels=3,          # 3: RGB, 1: grayscale
     ):
         if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}")
+            raise usage(ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}"))
         self.resolution = resolution
         self.local_images = list(image_paths)[shard:][::num_shards]
         self.local_classes = None if classes is None else list(classes)[shard:][::num_shards]
@@ -286,16 +288,20 @@ def _shard_of_this_process():
 
 def _check_arguments(data_dir, batch_size, image_size, num_workers):
     if not data_dir:
-        raise ValueError("no data directory given (data_dir is empty); pass --data_dir PATH to a folder of images")
+        raise usage(ValueError(
+            "no data directory given (data_dir is empty); pass --data_dir PATH to a folder of images"
+        ))
     if not _is_remote(data_dir) and not os.path.exists(data_dir):
-        raise FileNotFoundError(f"data directory {data_dir!r} does not exist; check --data_dir")
+        raise usage(FileNotFoundError(f"data directory {data_dir!r} does not exist; check --data_dir"))
     if not _isdir(data_dir):
-        raise NotADirectoryError(f"--data_dir {data_dir!r} is not a directory; pass the folder that holds the images")
+        raise usage(NotADirectoryError(
+            f"--data_dir {data_dir!r} is not a directory; pass the folder that holds the images"
+        ))
     for name, value in (("batch_size", batch_size), ("image_size", image_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}; check --{name}")
+            raise usage(ValueError(f"{name} must be a positive integer, got {value!r}; check --{name}"))
     if not isinstance(num_workers, numbers.Integral) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}; check --num_workers")
+        raise usage(ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}; check --num_workers"))
 
 
 def _forever(loader):
@@ -339,10 +345,10 @@ def load_data(
     _check_arguments(data_dir, batch_size, image_size, num_workers)
     paths = _list_image_files_recursively(data_dir)
     if not paths:
-        raise ValueError(
+        raise usage(ValueError(
             f"no images found in data directory {data_dir!r} (searched recursively for files ending in "
             f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); check --data_dir"
-        )
+        ))
     classes = class_labels(paths) if class_cond else None
     rank, world_size = _shard_of_this_process()
     dataset = ImageDataset(
@@ -357,11 +363,11 @@ def load_data(
         in_channels=in_channels,
     )
     if len(dataset) < batch_size:
-        raise ValueError(
+        raise usage(ValueError(
             f"process {rank} of {world_size} gets {len(dataset)} of the {len(paths)} images in {data_dir!r}, "
             f"fewer than one batch of {batch_size} (incomplete batches are dropped); "
             "use a smaller --batch_size, fewer processes or more images"
-        )
+        ))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import perf
+from .errors import usage
 
 NORM_GROUPS = 32  # GroupNorm groups used everywhere in ADM
 
@@ -233,11 +234,11 @@ def mean_flat(tensor):
 def normalization(channels):
     """The normalisation layer of ADM: GroupNorm32 with 32 groups over `channels` channels."""
     if channels % NORM_GROUPS != 0:
-        raise ValueError(
+        raise usage(ValueError(
             f"normalization() uses GroupNorm with {NORM_GROUPS} groups, so the channel count must be "
             f"a multiple of {NORM_GROUPS}; got {channels}. Choose --num_channels (and --channel_mult) "
             f"so that every level's width is a multiple of {NORM_GROUPS}."
-        )
+        ))
     return GroupNorm32(NORM_GROUPS, channels)
 
 

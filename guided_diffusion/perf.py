@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from .errors import usage
+
 ENV_VAR = "GUIDED_DIFFUSION_DISABLE"
 
 # name -> what turning it off brings back.
@@ -56,10 +58,10 @@ _disabled = set()
 def _check_names(names):
     unknown = sorted(set(names) - set(FAST_PATHS))
     if unknown:
-        raise ValueError(
+        raise usage(ValueError(
             f"unknown fast path(s) {', '.join(map(repr, unknown))}; the fast paths are "
             f"{', '.join(FAST_PATHS)} (set {ENV_VAR}=name,name or bench.py --disable name,name)."
-        )
+        ))
 
 
 def _names(text):
@@ -206,15 +208,15 @@ def check_flags(args, device):
     """Refuse flag combinations that cannot work, naming the flags."""
     for fp16 in ("use_fp16", "classifier_use_fp16"):
         if _flag(args, "use_bf16") and _flag(args, fp16):
-            raise ValueError(
+            raise usage(ValueError(
                 f"--use_bf16 and --{fp16} are two different mixed-precision schemes; pass only one "
                 f"(--{fp16} True is the original's float16 torso, --use_bf16 is bfloat16 autocast)."
-            )
+            ))
     if _flag(args, "use_bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
+        raise usage(ValueError(
             f"--use_bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has "
             "none. Use --use_fp16 True instead."
-        )
+        ))
 
 
 def configure_backends(args, device=None):

@@ -11,6 +11,8 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
+from .errors import usage
+
 
 def create_named_schedule_sampler(name, diffusion):
     """Build a sampler by name: ``"uniform"`` or ``"loss-second-moment"``."""
@@ -18,10 +20,10 @@ def create_named_schedule_sampler(name, diffusion):
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
-    raise NotImplementedError(
+    raise usage(NotImplementedError(
         f"unknown schedule sampler {name!r}; choose 'uniform' or 'loss-second-moment' "
         "(flag --schedule_sampler)."
-    )
+    ))
 
 
 class ScheduleSampler(ABC):

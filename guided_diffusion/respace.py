@@ -9,6 +9,7 @@ model keeps seeing the original chain's timesteps.
 import numpy as np
 import torch as th
 
+from .errors import usage
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -29,13 +30,13 @@ def space_timesteps(num_timesteps, section_counts):
         try:
             section_counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
-            raise ValueError(
+            raise usage(ValueError(
                 f"cannot parse timestep_respacing {section_counts!r}: use a step count like "
                 "'250', comma-separated counts per section like '10,15,20', or 'ddimN' like 'ddim50'."
-            ) from None
+            )) from None
     section_counts = list(section_counts)
     if not section_counts:
-        raise ValueError("timestep_respacing needs at least one section count; got an empty list.")
+        raise usage(ValueError("timestep_respacing needs at least one section count; got an empty list."))
 
     base_size, extra = divmod(num_timesteps, len(section_counts))
     kept = []
@@ -43,11 +44,11 @@ def space_timesteps(num_timesteps, section_counts):
     for i, count in enumerate(section_counts):
         size = base_size + (1 if i < extra else 0)
         if count < 0 or count > size:
-            raise ValueError(
+            raise usage(ValueError(
                 f"cannot take {count} steps from section {i} of {size} steps (a {num_timesteps}-step "
                 f"chain cut into {len(section_counts)} sections): each count must be between 0 and "
                 f"its section size, here at most {size}."
-            )
+            ))
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0
         for _ in range(count):
@@ -55,7 +56,7 @@ def space_timesteps(num_timesteps, section_counts):
             position += stride
         start += size
     if not kept:
-        raise ValueError(f"timestep_respacing {section_counts!r} keeps no steps; ask for at least one.")
+        raise usage(ValueError(f"timestep_respacing {section_counts!r} keeps no steps; ask for at least one."))
     return set(kept)
 
 
@@ -63,17 +64,20 @@ def _ddim_stride_steps(num_timesteps, spec):
     try:
         desired = int(spec[len("ddim"):])
     except ValueError:
-        raise ValueError(f"cannot parse {spec!r}: 'ddim' must be followed by a step count, e.g. 'ddim50'.") from None
+        raise usage(ValueError(
+            f"cannot parse timestep_respacing {spec!r} (flag --timestep_respacing): 'ddim' must be "
+            "followed by a step count, e.g. 'ddim50'."
+        )) from None
     for stride in range(1, num_timesteps + 1):
         steps = range(0, num_timesteps, stride)
         if len(steps) == desired:
             return set(steps)
     possible = sorted({len(range(0, num_timesteps, k)) for k in range(1, num_timesteps + 1)})
-    raise ValueError(
+    raise usage(ValueError(
         f"cannot keep exactly {desired} of {num_timesteps} steps with an integer stride ({spec!r}). "
         f"Possible ddim counts: {_summarise(possible)}; or give a plain count like '{desired}' "
         "for evenly rounded spacing."
-    )
+    ))
 
 
 def _summarise(values, limit=40):

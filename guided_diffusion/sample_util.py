@@ -15,7 +15,7 @@ module holds what they have in common:
 * classifier guidance as a ``cond_fn`` (Dhariwal & Nichol 2021, Sec. 4).
 
 Errors caused by what the user typed are raised as :class:`UsageError`; the
-scripts print them as one ``error:`` line (see :func:`run_main`).
+scripts print them as one ``error:`` line (see `errors.run_main`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -34,26 +33,11 @@ import torch.nn.functional as F
 
 from . import perf
 from .dist_util import _comm_device
+from .errors import UsageError
 from .script_util import str2bool
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
 GRID_MAX_IMAGES = 64  # the PNG grid beside the npz shows at most this many images
-
-
-class UsageError(ValueError):
-    """A flag or input file the user gave cannot work; the message says how to fix it."""
-
-
-def run_main(main: Callable[[Optional[Sequence[str]]], object], argv=None) -> None:
-    """Run a script's ``main``; print a :class:`UsageError` or checkpoint error as one line, exit 2."""
-    from . import checkpoints  # imported late: the scripts import us before anything heavy
-
-    try:
-        main(argv)
-    except (UsageError, checkpoints.CheckpointError) as err:
-        prog = os.path.basename(sys.argv[0]) or "guided_diffusion"
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------- flags

@@ -30,6 +30,8 @@ import shlex
 import sys
 import warnings
 
+from .errors import usage
+
 NUM_CLASSES = 1000
 
 # ---------------------------------------------------------------- defaults dicts
@@ -201,11 +203,11 @@ def parse_channel_mult(text, image_size, table=None, flag="--channel_mult"):
             try:
                 value = float(token)
             except ValueError:
-                raise ValueError(
+                raise usage(ValueError(
                     f"{flag} must be comma-separated numbers like 1,2,3,4; got {text!r}"
-                ) from None
+                )) from None
             if value <= 0:
-                raise ValueError(f"{flag} multipliers must be positive; got {text!r}")
+                raise usage(ValueError(f"{flag} multipliers must be positive; got {text!r}"))
             mults.append(int(value) if value.is_integer() else value)
         return tuple(mults)
     return default_channel_mult(image_size, table, flag=flag)
@@ -235,7 +237,7 @@ def default_channel_mult(image_size, table=None, flag="--channel_mult"):
     """The default ``channel_mult`` for ``image_size`` (rule in the module docstring)."""
     table = _CHANNEL_MULT if table is None else table
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image size must be a positive integer; got {image_size!r}")
+        raise usage(ValueError(f"image size must be a positive integer; got {image_size!r}"))
     if image_size in table:
         return table[image_size]
     listed_below = [size for size in table if size <= image_size]
@@ -250,11 +252,11 @@ def default_channel_mult(image_size, table=None, flag="--channel_mult"):
         mult = (1,) + (2,) * (levels - 1)
     if _halvings(image_size) < len(mult) - 1:
         fits = (1,) + (2,) * min(_halvings(image_size), 3)
-        raise ValueError(
+        raise usage(ValueError(
             f"image size {image_size} has no default channel_mult: the default "
             f"{','.join(map(str, mult))} needs a size divisible by {2 ** (len(mult) - 1)}. "
             f"Pass {flag} explicitly, e.g. {flag} {','.join(map(str, fits))}"
-        )
+        ))
     return mult
 
 
@@ -274,11 +276,11 @@ def attention_downsample_rates(attention_resolutions, image_size, flag="--attent
         try:
             resolution = int(token)
         except ValueError:
-            raise ValueError(
+            raise usage(ValueError(
                 f"{flag} must be comma-separated integers like 32,16,8; got {attention_resolutions!r}"
-            ) from None
+            )) from None
         if resolution < 1:
-            raise ValueError(f"{flag} resolutions must be positive; got {attention_resolutions!r}")
+            raise usage(ValueError(f"{flag} resolutions must be positive; got {attention_resolutions!r}"))
         rates.append(image_size // resolution)
     if levels is not None:
         existing = {image_size // 2**level for level in range(levels) if image_size % 2**level == 0}

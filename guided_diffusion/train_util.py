@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import dist_util, logger, perf
+from .errors import usage
 from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -155,19 +156,19 @@ def resolve_resume_checkpoint(path):
     if os.path.isdir(path):
         found = find_latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(
+            raise usage(FileNotFoundError(
                 f"--resume_checkpoint {path!r} is a folder without checkpoints (model*.pt). "
                 "Pass a checkpoint file or the log dir of an earlier run."
-            )
+            ))
         return found
     digits = checkpoint_set_step(path)
     if digits is not None:
         path = os.path.join(os.path.dirname(path), f"model{digits}.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise usage(FileNotFoundError(
             f"--resume_checkpoint: model file {path!r} does not exist. Pass an existing "
             "model*.pt / ema_*.pt / opt*.pt / state*.pt file or a log dir."
-        )
+        ))
     return path
 
 
@@ -274,9 +275,9 @@ def _parse_ema_rates(ema_rate):
     try:
         return [float(x) for x in str(ema_rate).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(
+        raise usage(ValueError(
             f"--ema_rate must be a number or comma-separated numbers like 0.9999 or 0.999,0.9999; got {ema_rate!r}"
-        ) from None
+        )) from None
 
 
 def _update_ema(targets, sources, rate):
@@ -336,9 +337,9 @@ class TrainLoop:
         self.use_bf16 = use_bf16
         perf.check_flags(_Flags(use_bf16=use_bf16, use_fp16=use_fp16), dist_util.dev())
         if log_interval <= 0 or save_interval <= 0:
-            raise ValueError(
+            raise usage(ValueError(
                 f"--log_interval and --save_interval must be positive; got {log_interval} and {save_interval}"
-            )
+            ))
 
         self.step = 0               # iterations done by this process
         self.resume_step = 0        # global index of this process's first iteration

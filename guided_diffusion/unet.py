@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import perf
+from .errors import usage
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     SiLU,
@@ -526,17 +527,17 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if num_head_channels <= 0 or channels % num_head_channels != 0:
-                raise ValueError(
+                raise usage(ValueError(
                     f"AttentionBlock: {channels} channels cannot be split into heads of "
                     f"num_head_channels={num_head_channels}; choose --num_head_channels dividing {channels} "
                     f"(or -1 to use --num_heads)."
-                )
+                ))
             self.num_heads = channels // num_head_channels
         if self.num_heads <= 0 or channels % self.num_heads != 0:
-            raise ValueError(
+            raise usage(ValueError(
                 f"AttentionBlock: {channels} channels cannot be split into num_heads={self.num_heads} "
                 f"equal heads; choose --num_heads dividing {channels}."
-            )
+            ))
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
@@ -687,11 +688,11 @@ def _check_input(x, in_channels, dims, num_levels, who):
     factor = 2 ** (num_levels - 1)
     resampled = x.shape[3:] if dims == 3 else x.shape[2:]
     if any(s % factor for s in resampled):
-        raise ValueError(
+        raise usage(ValueError(
             f"{who} halves the resolution {num_levels - 1} times (len(channel_mult)={num_levels}), so the "
             f"spatial sizes must be multiples of {factor}; got {tuple(x.shape[2:])}. Resize or pad the input, "
             f"or build the model with a shorter --channel_mult."
-        )
+        ))
 
 
 def _embed_timesteps(timesteps, batch, model_channels, device):
@@ -897,15 +898,15 @@ class EncoderUNetModel(nn.Module):
         super().__init__()
         perf.tune_allocator()
         if pool not in ("adaptive", "attention", "spatial", "spatial_v2"):
-            raise NotImplementedError(
+            raise usage(NotImplementedError(
                 f"unknown classifier pool {pool!r}; choose --classifier_pool adaptive, attention, spatial "
                 f"or spatial_v2."
-            )
+            ))
         if pool == "attention" and num_head_channels == -1:
-            raise ValueError(
+            raise usage(ValueError(
                 "the attention pool needs a head width: pass num_head_channels (e.g. 64), "
                 "or use --classifier_pool adaptive."
-            )
+            ))
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from guided_diffusion import checkpoints, dist_util, logger, perf
+from guided_diffusion import checkpoints, dist_util, errors, logger, perf
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -205,4 +205,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -25,7 +25,7 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -146,4 +146,4 @@ def run_bpd_evaluation(model, diffusion, data, args) -> float:
 
 
 if __name__ == "__main__":
-    sample_util.run_main(main)
+    errors.run_main(main)

@@ -16,7 +16,7 @@ try:
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, perf
+from guided_diffusion import dist_util, errors, logger, perf
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -70,4 +70,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

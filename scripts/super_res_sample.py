@@ -23,7 +23,7 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     parse_args_with_presets,
@@ -94,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sample_util.run_main(main)
+    errors.run_main(main)

@@ -17,7 +17,7 @@ except ImportError:  # running from a checkout without installing the package
 
 import torch.nn.functional as F
 
-from guided_diffusion import dist_util, logger, perf
+from guided_diffusion import dist_util, errors, logger, perf
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -47,7 +47,7 @@ def with_low_res(data, small_size):
 def main(argv=None):
     args = parse_training_args(create_argparser(), argv)
     if args.small_size > args.large_size:
-        raise SystemExit(
+        raise errors.UsageError(
             f"--small_size ({args.small_size}) must not exceed --large_size ({args.large_size}); "
             "the low-resolution input is the training image downsampled to --small_size."
         )
@@ -85,4 +85,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_main(main)

@@ -145,3 +145,43 @@ def test_training_scripts_import_cleanly():
     r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, cwd=REPO,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# What the user typed wrong, per script: the flags (IMAGES stands for the test folder of
+# images, EMPTY for an empty folder) and the words the one-line error must carry.
+BAD_INPUTS = {
+    "missing data folder": ("image_train.py", ["--data_dir", "nowhere", *UNET, "--image_size", "8"],
+                            "data directory 'nowhere' does not exist; check --data_dir"),
+    "unparsable channel_mult": ("image_train.py", ["--data_dir", "IMAGES", "--image_size", "8",
+                                                   "--channel_mult", "1,x"],
+                                "--channel_mult must be comma-separated numbers"),
+    "width not a multiple of 32": ("image_train.py", ["--data_dir", "IMAGES", "--image_size", "8",
+                                                      "--num_channels", "48"],
+                                   "Choose --num_channels"),
+    "batch larger than the data": ("image_train.py", ["--data_dir", "IMAGES", *UNET, "--image_size", "8",
+                                                      "--batch_size", "7"],
+                                   "fewer than one batch of 7"),
+    "missing resume checkpoint": ("image_train.py", ["--data_dir", "IMAGES", "--resume_checkpoint", "nothere.pt"],
+                                  "--resume_checkpoint: model file 'nothere.pt' does not exist"),
+    "bad respacing": ("image_train.py", ["--data_dir", "IMAGES", *UNET, "--image_size", "8",
+                                         "--timestep_respacing", "ddimx"],
+                      "cannot parse timestep_respacing 'ddimx'"),
+    "low resolution above the high one": ("super_res_train.py", ["--data_dir", "IMAGES", "--large_size", "8",
+                                                                 "--small_size", "16"],
+                                          "--small_size (16) must not exceed --large_size (8)"),
+    "empty data folder": ("classifier_train.py", ["--data_dir", "EMPTY", "--image_size", "8"],
+                          "no images found in data directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_training_scripts_print_usage_errors_as_one_line_and_exit_2(case, image_dir, tmp_path):
+    script, flags, words = BAD_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    flags = [{"IMAGES": image_dir, "EMPTY": str(tmp_path / "empty")}.get(f, f) for f in flags]
+    r = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *flags, "--log_dir", str(tmp_path / "log")],
+                       env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: ") and words in last, last
