@@ -342,7 +342,7 @@ def task_train(args):
     ema = [p.detach().clone() for p in trainer.master_params]
     sampler = UniformSampler(diffusion)
     x, kwargs = inputs(args, flags, batch_size)
-    net = torch.compile(model) if args.compile else model
+    net = compile_like_scripts(model) if args.compile else model
 
     def step():
         trainer.zero_grad()
@@ -362,7 +362,7 @@ def task_sample(args, ddim):
     model, diffusion, flags, batch_size = build(args, respacing="ddim25" if ddim else "50")
     model.eval()
     x, kwargs = inputs(args, flags, batch_size)
-    net = compile_for_sampling(model) if args.compile else model
+    net = compile_like_scripts(model) if args.compile else model
     loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
 
     def run():
@@ -373,8 +373,8 @@ def task_sample(args, ddim):
     return timed(args, run, warmup=1, repeats=1, images=batch_size)
 
 
-def compile_for_sampling(model):
-    """What the implementation's sampling scripts do with --compile (torch.compile if it has no such flag)."""
+def compile_like_scripts(model):
+    """What the implementation's scripts do with --compile (torch.compile if it has no such flag)."""
     import torch
 
     try:
@@ -392,7 +392,7 @@ def task_nll(args):
     model, diffusion, flags, _ = build(args, diffusion_steps=args.nll_steps)
     model.eval()
     x, kwargs = inputs(args, flags, 1)
-    net = compile_for_sampling(model) if args.compile else model
+    net = compile_like_scripts(model) if args.compile else model
     extra = {}
     if args.nll_batch > 1 and "timesteps_per_call" in inspect.signature(diffusion.calc_bpd_loop).parameters:
         extra["timesteps_per_call"] = args.nll_batch

@@ -50,6 +50,8 @@ FAST_PATHS = {
     "foreach": "per-tensor EMA and gradient-norm loops",
     "release_grads": "gradients zeroed in place between training steps (a parameter-sized buffer "
                      "alive through the forward pass, and one more accumulation pass)",
+    "aten_group_norm": "under --compile on CPU, Inductor's own generated GroupNorm kernels (2-3x "
+                       "slower than ATen's, most in channels-last; the same Welford statistics)",
 }
 
 _disabled = set()
@@ -253,7 +255,7 @@ def autocast(args, device):
 
 
 def compile_model(model, args):
-    """``torch.compile(model)`` with ``--compile``, else ``model`` itself.
+    """``torch.compile(model)`` (see `compile_module`) with ``--compile``, else ``model`` itself.
 
     The compiled wrapper shares the parameters of ``model``; keep using ``model``
     for ``state_dict``/``load_state_dict`` (the wrapper's keys carry a ``_orig_mod.`` prefix).
@@ -263,7 +265,38 @@ def compile_model(model, args):
     """
     if not _flag(args, "compile"):
         return model
-    return torch.compile(model)
+    return compile_module(model)
+
+
+def compile_module(module, device=None):
+    """``torch.compile(module)`` with the backend for the device of its parameters (or ``device``).
+
+    On CPU (fast path ``aten_group_norm``) Inductor compiles everything but GroupNorm,
+    which stays ATen's kernel: Inductor's generated GroupNorm(-SiLU) kernels take 2-3x
+    as long on CPU, most for channels-last tensors, and left ~25 ms of a 230 ms
+    sampling forward pass there (benchmarks/README.md). Both compute the same Welford
+    statistics; the outputs and gradients of the tests' models agree bit for bit.
+    """
+    if device is None:
+        first = next(module.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    if torch.device(device).type == "cpu" and enabled("aten_group_norm"):
+        return torch.compile(module, backend=_inductor_keeping_aten_group_norm)
+    return torch.compile(module)
+
+
+def _inductor_keeping_aten_group_norm(graph, example_inputs):
+    """The Inductor backend, less its decomposition of GroupNorm (which then runs as ATen's kernel)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    kept = (aten.group_norm.default, aten.native_group_norm.default)
+    table = {op: fn for op, fn in select_decomp_table().items() if op not in kept}
+    # AOTAutograd's cache key leaves the decomposition table out, so it could hand back a
+    # graph compiled with Inductor's own GroupNorm; its cache is skipped (Inductor's stays).
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(graph, example_inputs, decompositions=table)
 
 
 class AutocastModel:

@@ -379,7 +379,7 @@ class TrainLoop:
             self.ddp_model = self.model
         if compile:
             # The compiled wrapper shares the parameters; checkpoints still come from self.model.
-            self.ddp_model = torch.compile(self.ddp_model)
+            self.ddp_model = perf.compile_module(self.ddp_model, dist_util.dev())
 
     # -- resume -----------------------------------------------------------
 

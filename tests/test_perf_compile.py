@@ -5,9 +5,11 @@ allows and the tests are marked slow. Inductor's cache goes to a private folder.
 """
 
 import argparse
+import re
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from guided_diffusion import logger, perf, script_util
 from guided_diffusion import unet as U
@@ -73,3 +75,32 @@ def test_compiled_training_step_gives_eager_gradients_and_plain_checkpoint_keys(
     scale = max(g.abs().max() for g in grads[1])
     for compiled, eager in zip(*grads):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-5 * scale)
+
+
+def _group_norm_calls(code):
+    """How the generated code of a compiled model computes GroupNorm: ATen kernel calls, and
+    Inductor's own fused kernels that contain a GroupNorm."""
+    text = "".join(code)
+    return text.count("aten.native_group_norm.default("), len(set(re.findall(r"cpp_fused\w*native_group_norm\w*", text)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cpu_compile_runs_group_norm_as_atens_kernel_with_the_same_numbers(channels_last):
+    model = smallest_unet().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([3, 17])
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    with torch.no_grad():
+        eager = model(x, t)
+        fast, code = run_and_get_code(perf.compile_module(model), x, t)
+        assert _group_norm_calls(code) == (norms, 0)
+        torch._dynamo.reset()
+        with perf.disabled("aten_group_norm"):
+            plain, code = run_and_get_code(perf.compile_module(model), x, t)
+        aten_calls, fused = _group_norm_calls(code)
+        assert aten_calls == 0 and fused > 0
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
