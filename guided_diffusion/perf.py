@@ -287,6 +287,7 @@ def compile_module(module, device=None):
 
 def _inductor_keeping_aten_group_norm(graph, example_inputs):
     """The Inductor backend, less its decomposition of GroupNorm (which then runs as ATen's kernel)."""
+    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
@@ -295,7 +296,13 @@ def _inductor_keeping_aten_group_norm(graph, example_inputs):
     table = {op: fn for op, fn in select_decomp_table().items() if op not in kept}
     # AOTAutograd's cache key leaves the decomposition table out, so it could hand back a
     # graph compiled with Inductor's own GroupNorm; its cache is skipped (Inductor's stays).
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # Releases before that cache existed have no such setting.
+    no_cache = (
+        functorch_config.patch(enable_autograd_cache=False)
+        if hasattr(functorch_config, "enable_autograd_cache")
+        else contextlib.nullcontext()
+    )
+    with no_cache:
         return compile_fx(graph, example_inputs, decompositions=table)
 
 
