@@ -276,34 +276,53 @@ def compile_module(module, device=None):
     as long on CPU, most for channels-last tensors, and left ~25 ms of a 230 ms
     sampling forward pass there (benchmarks/README.md). Both compute the same Welford
     statistics; the outputs and gradients of the tests' models agree bit for bit.
+    Should a torch release lack the Inductor internals this needs, it falls back to
+    plain ``torch.compile``.
     """
     if device is None:
         first = next(module.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     if torch.device(device).type == "cpu" and enabled("aten_group_norm"):
-        return torch.compile(module, backend=_inductor_keeping_aten_group_norm)
+        backend = _inductor_keeping_aten_group_norm()
+        if backend is not None:
+            return torch.compile(module, backend=backend)
     return torch.compile(module)
 
 
-def _inductor_keeping_aten_group_norm(graph, example_inputs):
-    """The Inductor backend, less its decomposition of GroupNorm (which then runs as ATen's kernel)."""
-    import torch._functorch.config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
+def _inductor_keeping_aten_group_norm():
+    """The Inductor backend less its decomposition of GroupNorm, which then runs as ATen's
+    kernel; None where this torch's Inductor does not offer the pieces."""
+    try:
+        import torch._functorch.config as functorch_config
+        from torch._inductor import lowering
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
 
-    aten = torch.ops.aten
+        aten = torch.ops.aten
+        if aten.native_group_norm.default not in lowering.lowerings:
+            # The lowering Inductor would create by itself for an op left undecomposed,
+            # registered up front: with $CI set, Inductor refuses to create one for an
+            # op that has a decomposition. Plain compiles decompose GroupNorm before
+            # lowering, so they never reach it.
+            lowering.make_fallback(aten.native_group_norm.default, warn=False, override_decomp=True)
+    except (ImportError, AttributeError, TypeError):
+        return None
     kept = (aten.group_norm.default, aten.native_group_norm.default)
-    table = {op: fn for op, fn in select_decomp_table().items() if op not in kept}
-    # AOTAutograd's cache key leaves the decomposition table out, so it could hand back a
-    # graph compiled with Inductor's own GroupNorm; its cache is skipped (Inductor's stays).
-    # Releases before that cache existed have no such setting.
-    no_cache = (
-        functorch_config.patch(enable_autograd_cache=False)
-        if hasattr(functorch_config, "enable_autograd_cache")
-        else contextlib.nullcontext()
-    )
-    with no_cache:
-        return compile_fx(graph, example_inputs, decompositions=table)
+
+    def backend(graph, example_inputs):
+        table = {op: fn for op, fn in select_decomp_table().items() if op not in kept}
+        # AOTAutograd's cache key leaves the decomposition table out, so it could hand back
+        # a graph compiled with Inductor's own GroupNorm; its cache is skipped (Inductor's
+        # stays). Releases before that cache existed have no such setting.
+        no_cache = (
+            functorch_config.patch(enable_autograd_cache=False)
+            if hasattr(functorch_config, "enable_autograd_cache")
+            else contextlib.nullcontext()
+        )
+        with no_cache:
+            return compile_fx(graph, example_inputs, decompositions=table)
+
+    return backend
 
 
 class AutocastModel:
