@@ -273,9 +273,9 @@ def compile_module(module, device=None):
 
     On CPU (fast path ``aten_group_norm``) Inductor compiles everything but GroupNorm,
     which stays ATen's kernel: Inductor's generated GroupNorm(-SiLU) kernels take 2-3x
-    as long on CPU, most for channels-last tensors, and left ~25 ms of a 230 ms
-    sampling forward pass there (benchmarks/README.md). Both compute the same Welford
-    statistics; the outputs and gradients of the tests' models agree bit for bit.
+    as long on CPU, most for channels-last tensors, ~25 ms more in a 230 ms sampling
+    forward pass of the small config (benchmarks/README.md). Both compute the same
+    Welford statistics; the small config's outputs and gradients agreed bit for bit.
     Should a torch release lack the Inductor internals this needs, it falls back to
     plain ``torch.compile``.
     """
