@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(autouse=True)
 def _private_inductor_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("CI", "true")  # Inductor is stricter about fallbacks under CI (GitHub Actions sets it)
     torch.set_num_threads(1)
     torch._dynamo.reset()
     yield
