@@ -25,6 +25,8 @@ import torch
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, or does not fit the model."""
 
+    usage_error = True  # the file or the flags given with it are the user's to fix (errors.run_main)
+
 
 CONFIG_NAME = "config.json"
 
