@@ -38,10 +38,10 @@ def _env(extra=None):
     return env
 
 
-def run_script(name, *args, env=None):
+def run_script(name, *args, env=None, cwd=REPO, returncode=0):
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *args], env=_env(env), capture_output=True,
-                       text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                       text=True, timeout=300, cwd=cwd)
+    assert r.returncode == returncode, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
@@ -179,9 +179,7 @@ def test_training_scripts_print_usage_errors_as_one_line_and_exit_2(case, image_
     script, flags, words = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
     flags = [{"IMAGES": image_dir, "EMPTY": str(tmp_path / "empty")}.get(f, f) for f in flags]
-    r = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *flags, "--log_dir", str(tmp_path / "log")],
-                       env=_env(), capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 2, r.stderr[-3000:]
+    r = run_script(script, *flags, "--log_dir", str(tmp_path / "log"), cwd=tmp_path, returncode=2)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{script}: error: ") and words in last, last
