@@ -26,11 +26,13 @@ import math
 import numpy as np
 import torch as th
 
-from . import perf
+from . import perf, prediction
 from .errors import usage
+from .prediction import check_same_shape
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 from .samplers import Samplers, _batch_timesteps, _progress
+from .schedule import ScheduleView
 
 _LOG2 = math.log(2.0)
 
@@ -191,6 +193,9 @@ class GaussianDiffusion(Samplers):
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
+        # logSNR, alpha, sigma and their continuous-time maps (solvers, modern losses).
+        self.schedule = ScheduleView(self.alphas_cumprod)
+
         # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder.
         large_variance = np.append(first, betas[1:])
         self._gatherable = {
@@ -213,6 +218,9 @@ class GaussianDiffusion(Samplers):
             "xprev_coef_xt": self.posterior_mean_coef2 / self.posterior_mean_coef1,
             "fixed_large_variance": large_variance,
             "fixed_large_log_variance": np.log(large_variance),
+            "logsnr": self.schedule.logsnr,
+            "alpha": self.schedule.alpha,
+            "sigma": self.schedule.sigma,
         }
         self._device_tables = {}
 
@@ -278,7 +286,7 @@ class GaussianDiffusion(Samplers):
         """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4)."""
         if noise is None:
             noise = th.randn_like(x_start)
-        _check_same_shape(noise, x_start, "noise", "x_start")
+        check_same_shape(noise, x_start, "noise", "x_start")
         return (
             self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
             + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
@@ -286,7 +294,7 @@ class GaussianDiffusion(Samplers):
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eq. 6-7)."""
-        _check_same_shape(x_start, x_t, "x_start", "x_t")
+        check_same_shape(x_start, x_t, "x_start", "x_t")
         mean = (
             self._coef("posterior_mean_coef1", t, x_t) * x_start
             + self._coef("posterior_mean_coef2", t, x_t) * x_t
@@ -297,27 +305,23 @@ class GaussianDiffusion(Samplers):
 
     # ------------------------------------------------------------------ parameterisations
 
+    @property
+    def parameterisation(self):
+        """The ``prediction.Parameterisation`` of ``model_mean_type``: the one seam through which
+        model outputs become x_0, eps, means and training targets."""
+        return prediction.for_mean_type(self.model_mean_type)
+
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (inverse of Ho et al. eq. 4)."""
-        _check_same_shape(eps, x_t, "eps", "x_t")
-        return (
-            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
-        )
+        """x_0 from eps (``prediction.x0_from_eps``)."""
+        return prediction.x0_from_eps(self, x_t, t, eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1) (inverse of the above)."""
-        return (
-            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
-        ) / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
+        """eps from x_0 (``prediction.eps_from_x0``)."""
+        return prediction.eps_from_x0(self, x_t, t, pred_xstart)
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        """x_0 from the posterior mean x_{t-1}, by inverting Ho et al. eq. 7."""
-        _check_same_shape(xprev, x_t, "xprev", "x_t")
-        return (
-            self._coef("xprev_coef_xprev", t, x_t) * xprev
-            - self._coef("xprev_coef_xt", t, x_t) * x_t
-        )
+        """x_0 from the posterior mean x_{t-1} (``prediction.x0_from_xprev``)."""
+        return prediction.x0_from_xprev(self, x_t, t, xprev)
 
     def _scale_timesteps(self, t):
         """The timesteps the model sees: floats in 0..1000 when rescale_timesteps, else t."""
@@ -381,25 +385,16 @@ class GaussianDiffusion(Samplers):
                 f"timesteps must have shape [B] = ({x.shape[0]},) to match x; got {tuple(t.shape)}."
             )
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
-        prediction, var_values = self._split_model_output(model_output, x)
+        output, var_values = self._split_model_output(model_output, x)
         variance, log_variance = self._model_variance(var_values, t, x)
 
-        def process_xstart(x0):
-            if denoised_fn is not None:
-                x0 = denoised_fn(x0)
-            return x0.clamp(-1, 1) if clip_denoised else x0
-
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=prediction))
-            mean = prediction
-        elif self.model_mean_type == ModelMeanType.START_X:
-            pred_xstart = process_xstart(prediction)
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        elif self.model_mean_type == ModelMeanType.EPSILON:
-            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=prediction))
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        else:
-            raise NotImplementedError(f"unknown model_mean_type {self.model_mean_type!r}")
+        parameterisation = self.parameterisation
+        pred_xstart = parameterisation.to_x0(self, output, x, t)
+        if denoised_fn is not None:
+            pred_xstart = denoised_fn(pred_xstart)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean = parameterisation.mean(self, output, pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     # ------------------------------------------------------------------ objectives
@@ -445,21 +440,17 @@ class GaussianDiffusion(Samplers):
         if self.loss_type not in (LossType.MSE, LossType.RESCALED_MSE):
             raise NotImplementedError(f"unknown loss_type {self.loss_type!r}")
         model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
-        prediction, var_values = self._split_model_output(model_output, x_t)
+        output, var_values = self._split_model_output(model_output, x_t)
         if var_values is not None:
-            frozen = th.cat([prediction.detach(), var_values], dim=1)
+            frozen = th.cat([output.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(
                 lambda *args, **kwargs: frozen, x_start, x_t, t, clip_denoised=False
             )["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 # The MSE term is a mean over dimensions; rescale the VB sum to match (T/1000).
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
-        target = {
-            ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
-            ModelMeanType.START_X: lambda: x_start,
-            ModelMeanType.EPSILON: lambda: noise,
-        }[self.model_mean_type]()
-        terms["mse"] = mean_flat((target - prediction) ** 2)
+        target = self.parameterisation.target(self, x_start, x_t, t, noise)
+        terms["mse"] = mean_flat((target - output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
@@ -504,7 +495,7 @@ class GaussianDiffusion(Samplers):
             kwargs = {key: _repeat_batch(v, k, batch) for key, v in model_kwargs.items()} if k > 1 else model_kwargs
             with th.no_grad():
                 out = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised, model_kwargs=kwargs)
-            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+            eps = prediction.eps_from_x0(self, x_t, t, out["pred_xstart"])
             per_step = {
                 "vb": out["output"],
                 "xstart_mse": mean_flat((out["pred_xstart"] - x0) ** 2),
@@ -532,9 +523,4 @@ def _check_betas(betas):
             "schedule scales 1e-4..0.02 by 1000/T, so it needs T >= 20 steps (flag "
             "--diffusion_steps); use --noise_schedule cosine for fewer steps."
         ))
-
-
-def _check_same_shape(a, b, name_a, name_b):
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} shape {tuple(a.shape)} must equal {name_b} shape {tuple(b.shape)}.")
 

@@ -19,10 +19,14 @@ References
 - Meng et al. (2022), "SDEdit" (sampling from a noised guide image: ``init_image``).
 """
 
+import contextlib
 import numbers
 from functools import partial
 
 import torch as th
+
+from . import prediction
+from .denoiser import Denoiser
 
 
 class Samplers:
@@ -44,7 +48,7 @@ class Samplers:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = prediction.eps_from_x0(self, x, t, p_mean_var["pred_xstart"])
         gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
         return self._shift_score(p_mean_var, x, t, eps, gradient)
 
@@ -63,7 +67,7 @@ class Samplers:
         """``condition_score`` for a guidance function called as in ``condition_mean_with_grad``."""
         if model_kwargs is None:
             model_kwargs = {}
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = prediction.eps_from_x0(self, x, t, p_mean_var["pred_xstart"])
         gradient = cond_fn(x, t, p_mean_var, **model_kwargs)
         return self._shift_score(p_mean_var, x, t, eps, gradient)
 
@@ -74,70 +78,69 @@ class Samplers:
     def _shift_score(self, p_mean_var, x, t, eps, gradient):
         eps = eps - self._coef("sqrt_one_minus_alphas_cumprod", t, x) * gradient
         out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
+        out["pred_xstart"] = prediction.x0_from_eps(self, x, t, eps)
+        out["mean"] = prediction.posterior_mean(self, out["pred_xstart"], x, t)
         return out
 
     # ------------------------------------------------------------------ sampler steps
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
         """One ancestral step x_t -> x_{t-1} (Ho et al., algorithm 2). Returns ``sample``, ``pred_xstart``."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = th.randn_like(x)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs)
+        return self._ddpm_step(denoiser, x, t)
 
     def p_sample_with_grad(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None
     ):
         """``p_sample`` with guidance through the model: ``cond_fn`` is called as in
         ``condition_mean_with_grad``. Same random draws; returns detached tensors."""
-        with th.enable_grad():
-            x = x.detach().requires_grad_()
-            out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=True)
+        return self._ddpm_step(denoiser, x, t)
+
+    def _ddpm_step(self, denoiser, x, t):
+        """Ho et al., algorithm 2, with the mean guided as in Dhariwal & Nichol, algorithm 1.
+
+        Draws the step's noise between the model call and the guidance, as the original.
+        With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy of x and
+        returns detached tensors.
+        """
+        with_grad = denoiser.cond_fn_with_grad
+        with th.enable_grad() if with_grad else contextlib.nullcontext():
+            if with_grad:
+                x = x.detach().requires_grad_()
+            out = denoiser.predict(x, t)
             noise = th.randn_like(x)
-            if cond_fn is not None:
-                out["mean"] = self.condition_mean_with_grad(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample.detach(), "pred_xstart": out["pred_xstart"].detach()}
+            mean = denoiser.guided_mean(out, x, t)
+        sample = mean + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
+        if with_grad:
+            return {"sample": sample.detach(), "pred_xstart": out["pred_xstart"].detach()}
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
     ):
         """One DDIM step x_t -> x_{t-1} (Song et al., eq. 12; eta=1 recovers DDPM's variance)."""
-        x0, guided_x0 = self._x0_predictions(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
-        return {"sample": self._ddim_update(x, t, guided_x0, eta), "pred_xstart": x0}
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs)
+        return self._ddim_step(denoiser, x, t, eta)
 
     def ddim_sample_with_grad(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
     ):
         """``ddim_sample`` with guidance through the model: ``cond_fn`` is called as in
         ``condition_mean_with_grad``. Same random draws; returns detached tensors."""
-        x = x.detach()
-        x0, guided_x0 = self._x0_predictions(
-            model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=True
-        )
-        return {"sample": self._ddim_update(x, t, guided_x0.detach(), eta), "pred_xstart": x0.detach()}
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=True)
+        return self._ddim_step(denoiser, x, t, eta)
 
-    def _x0_predictions(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=False):
-        """The model's x_0 prediction at (x, t), and that prediction guided through the score
-        (``condition_score``; the same tensor when ``cond_fn`` is None).
-
-        With ``with_grad`` and a ``cond_fn``, the model runs under autograd on a fresh leaf
-        copy of x, ``condition_score_with_grad`` guides, and both come back detached.
-        Draws no random numbers.
-        """
-        if with_grad and cond_fn is not None:
-            with th.enable_grad():
-                leaf = x.detach().requires_grad_()
-                out = self.p_mean_variance(model, leaf, t, clip_denoised, denoised_fn, model_kwargs)
-                guided = self.condition_score_with_grad(cond_fn, out, leaf, t, model_kwargs=model_kwargs)
-            return out["pred_xstart"].detach(), guided["pred_xstart"].detach()
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        guided = out if cond_fn is None else self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        return out["pred_xstart"], guided["pred_xstart"]
+    def _ddim_step(self, denoiser, x, t, eta):
+        """Song et al., eq. 12, from the score-guided x_0 (Dhariwal & Nichol, algorithm 2)."""
+        if denoiser.cond_fn_with_grad:
+            x = x.detach()
+        x0, guided_x0 = denoiser.x0(x, t)
+        return {"sample": self._ddim_update(x, t, guided_x0, eta), "pred_xstart": x0}
 
     def _ddim_update(self, x, t, pred_xstart, eta, eps=None, draw_noise=True):
         """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al., eq. 12).
@@ -148,7 +151,7 @@ class Samplers:
         at t = 0 where the noise is masked out, as the original does.
         """
         if eps is None:
-            eps = self._predict_eps_from_xstart(x, t, pred_xstart)
+            eps = prediction.eps_from_x0(self, x, t, pred_xstart)
         abar = self._gather64("alphas_cumprod", t)
         abar_prev = self._gather64("alphas_cumprod_prev", t)
         sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
@@ -166,16 +169,12 @@ class Samplers:
             raise ValueError(
                 f"ddim_reverse_sample is deterministic and needs eta=0.0; got eta={eta}."
             )
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs)
+        eps, x0, _ = denoiser.eps(x, t)
         abar_next = self._gather64("alphas_cumprod_next", t)
-        sample = (
-            out["pred_xstart"] * self._expand(th.sqrt(abar_next), x)
-            + self._expand(th.sqrt(1 - abar_next), x) * eps
-        )
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        sample = x0 * self._expand(th.sqrt(abar_next), x) + self._expand(th.sqrt(1 - abar_next), x) * eps
+        return {"sample": sample, "pred_xstart": x0}
 
     def plms_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
@@ -190,28 +189,26 @@ class Samplers:
         ``order > 1`` is a pseudo improved-Euler step, which calls the model twice.
         Returns ``sample``, ``pred_xstart`` and ``old_eps``; draws no random numbers.
         """
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                            cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
+        return self._plms_step(denoiser, x, t, order, old_out)
+
+    def _plms_step(self, denoiser, x, t, order, old_out):
         if isinstance(order, bool) or order not in (1, 2, 3, 4):
             raise ValueError(f"PLMS order must be an integer from 1 to 4; got {order!r}.")
-
-        def guided_eps(x, t):
-            x0, guided_x0 = self._x0_predictions(
-                model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, with_grad=cond_fn_with_grad
-            )
-            return self._predict_eps_from_xstart(x, t, guided_x0), guided_x0, x0
-
-        eps, pred_xstart, unguided_xstart = guided_eps(x, t)
+        eps, pred_xstart, unguided_xstart = denoiser.eps(x, t)
         if order > 1 and old_out is None:
             history = [eps]
             halfway = self._ddim_update(x, t, pred_xstart, 0.0, eps=eps, draw_noise=False)
             # At t = 0 the step returns pred_xstart whatever the half step gives; clamping
             # keeps that half step inside the chain (the fork wraps around to its end).
-            eps_next, _, _ = guided_eps(halfway, (t - 1).clamp(min=0))
+            eps_next, _, _ = denoiser.eps(halfway, (t - 1).clamp(min=0))
             eps_prime = (eps + eps_next) / 2
         else:
             history = [] if old_out is None else old_out["old_eps"]
             history.append(eps)
             eps_prime = _adams_bashforth(history[-order:])
-        xstart_prime = self._predict_xstart_from_eps(x, t, eps_prime)
+        xstart_prime = prediction.x0_from_eps(self, x, t, eps_prime)
         sample = self._ddim_update(x, t, xstart_prime, 0.0, eps=eps_prime, draw_noise=False)
         if len(history) >= order:
             history.pop(0)
@@ -228,7 +225,8 @@ class Samplers:
     ):
         """The loop every sampler shares: start from noise, apply ``step`` for t = T-1 .. 0.
 
-        ``step(model, x, t)`` returns a dict with at least ``sample``; each dict is yielded.
+        ``step(x, t)`` returns a dict with at least ``sample``; each dict is yielded.
+        ``model`` is only consulted for the device and, with ``randomize_class``, its class count.
         The options below are those of the guided-diffusion-sdk fork (CLIP-guided
         notebooks, Disco Diffusion), with its order of random draws:
 
@@ -265,7 +263,7 @@ class Samplers:
             with th.no_grad():
                 if transform is not None:
                     img = transform(i, img)
-                out = step(model, img, t)
+                out = step(img, t)
             yield out
             img = out["sample"]
 
@@ -301,12 +299,10 @@ class Samplers:
         randomize_class=False, cond_fn_with_grad=False,
     ):
         """Yield the ``p_sample`` output of every step, from t = T-1 down to 0."""
-        step = partial(
-            self.p_sample_with_grad if cond_fn_with_grad else self.p_sample,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
-        )
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                            model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
         yield from self._loop_progressive(
-            step, model, shape, noise, device, progress, model_kwargs=model_kwargs,
+            partial(self._ddpm_step, denoiser), model, shape, noise, device, progress, model_kwargs=model_kwargs,
             skip_timesteps=skip_timesteps, init_image=init_image, randomize_class=randomize_class,
         )
 
@@ -336,11 +332,8 @@ class Samplers:
         ``transformation_percent`` with i = int(len(steps) * (1 - p)), as in the
         guided-diffusion-sdk fork (where i counts steps left, so p is the fraction done).
         """
-        step = partial(
-            self.ddim_sample_with_grad if cond_fn_with_grad else self.ddim_sample,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, eta=eta,
-        )
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                            model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
         count = self.num_timesteps - int(skip_timesteps)
         at = {int(count * (1 - p)) for p in transformation_percent} if transformation_fn else set()
 
@@ -348,9 +341,9 @@ class Samplers:
             return transformation_fn(x) if i in at else x
 
         yield from self._loop_progressive(
-            step, model, shape, noise, device, progress, model_kwargs=model_kwargs,
-            skip_timesteps=skip_timesteps, init_image=init_image, randomize_class=randomize_class,
-            transform=transform,
+            partial(self._ddim_step, denoiser, eta=eta), model, shape, noise, device, progress,
+            model_kwargs=model_kwargs, skip_timesteps=skip_timesteps, init_image=init_image,
+            randomize_class=randomize_class, transform=transform,
         )
 
     def plms_sample_loop(
@@ -374,15 +367,13 @@ class Samplers:
         randomize_class=False, cond_fn_with_grad=False, order=2,
     ):
         """Yield the ``plms_sample`` output of every step, each fed the previous one's history."""
+        denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                            model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
         previous = None
 
-        def step(model, x, t):
+        def step(x, t):
             nonlocal previous
-            previous = self.plms_sample(
-                model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad, order=order,
-                old_out=previous,
-            )
+            previous = self._plms_step(denoiser, x, t, order, previous)
             return previous
 
         yield from self._loop_progressive(
