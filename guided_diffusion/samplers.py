@@ -88,7 +88,7 @@ class Samplers:
         """One ancestral step x_t -> x_{t-1} (Ho et al., algorithm 2). Returns ``sample``, ``pred_xstart``."""
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                             cond_fn=cond_fn, model_kwargs=model_kwargs)
-        return self._ddpm_step(denoiser, x, t)
+        return ddpm_step(denoiser, x, t)
 
     def p_sample_with_grad(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None
@@ -97,26 +97,7 @@ class Samplers:
         ``condition_mean_with_grad``. Same random draws; returns detached tensors."""
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                             cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=True)
-        return self._ddpm_step(denoiser, x, t)
-
-    def _ddpm_step(self, denoiser, x, t):
-        """Ho et al., algorithm 2, with the mean guided as in Dhariwal & Nichol, algorithm 1.
-
-        Draws the step's noise between the model call and the guidance, as the original.
-        With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy of x and
-        returns detached tensors.
-        """
-        with_grad = denoiser.cond_fn_with_grad
-        with th.enable_grad() if with_grad else contextlib.nullcontext():
-            if with_grad:
-                x = x.detach().requires_grad_()
-            out = denoiser.predict(x, t)
-            noise = th.randn_like(x)
-            mean = denoiser.guided_mean(out, x, t)
-        sample = mean + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
-        if with_grad:
-            return {"sample": sample.detach(), "pred_xstart": out["pred_xstart"].detach()}
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        return ddpm_step(denoiser, x, t)
 
     def ddim_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
@@ -124,7 +105,7 @@ class Samplers:
         """One DDIM step x_t -> x_{t-1} (Song et al., eq. 12; eta=1 recovers DDPM's variance)."""
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                             cond_fn=cond_fn, model_kwargs=model_kwargs)
-        return self._ddim_step(denoiser, x, t, eta)
+        return ddim_step(denoiser, x, t, eta)
 
     def ddim_sample_with_grad(
         self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, eta=0.0
@@ -133,33 +114,7 @@ class Samplers:
         ``condition_mean_with_grad``. Same random draws; returns detached tensors."""
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                             cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=True)
-        return self._ddim_step(denoiser, x, t, eta)
-
-    def _ddim_step(self, denoiser, x, t, eta):
-        """Song et al., eq. 12, from the score-guided x_0 (Dhariwal & Nichol, algorithm 2)."""
-        if denoiser.cond_fn_with_grad:
-            x = x.detach()
-        x0, guided_x0 = denoiser.x0(x, t)
-        return {"sample": self._ddim_update(x, t, guided_x0, eta), "pred_xstart": x0}
-
-    def _ddim_update(self, x, t, pred_xstart, eta, eps=None, draw_noise=True):
-        """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al., eq. 12).
-
-        ``eps`` defaults to the noise implied by ``pred_xstart`` (whatever the model
-        predicts), and sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)
-        (eq. 16). With ``draw_noise`` it draws one ``randn_like(x)``, also for eta = 0 and
-        at t = 0 where the noise is masked out, as the original does.
-        """
-        if eps is None:
-            eps = prediction.eps_from_x0(self, x, t, pred_xstart)
-        abar = self._gather64("alphas_cumprod", t)
-        abar_prev = self._gather64("alphas_cumprod_prev", t)
-        sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
-        coef_eps = th.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
-        mean = pred_xstart * self._expand(th.sqrt(abar_prev), x) + self._expand(coef_eps, x) * eps
-        if not draw_noise:
-            return mean
-        return mean + _nonzero_mask(t, x) * self._expand(sigma, x) * th.randn_like(x)
+        return ddim_step(denoiser, x, t, eta)
 
     def ddim_reverse_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, *, cond_fn=None
@@ -191,81 +146,9 @@ class Samplers:
         """
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                             cond_fn=cond_fn, model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
-        return self._plms_step(denoiser, x, t, order, old_out)
-
-    def _plms_step(self, denoiser, x, t, order, old_out):
-        if isinstance(order, bool) or order not in (1, 2, 3, 4):
-            raise ValueError(f"PLMS order must be an integer from 1 to 4; got {order!r}.")
-        eps, pred_xstart, unguided_xstart = denoiser.eps(x, t)
-        if order > 1 and old_out is None:
-            history = [eps]
-            halfway = self._ddim_update(x, t, pred_xstart, 0.0, eps=eps, draw_noise=False)
-            # At t = 0 the step returns pred_xstart whatever the half step gives; clamping
-            # keeps that half step inside the chain (the fork wraps around to its end).
-            eps_next, _, _ = denoiser.eps(halfway, (t - 1).clamp(min=0))
-            eps_prime = (eps + eps_next) / 2
-        else:
-            history = [] if old_out is None else old_out["old_eps"]
-            history.append(eps)
-            eps_prime = _adams_bashforth(history[-order:])
-        xstart_prime = prediction.x0_from_eps(self, x, t, eps_prime)
-        sample = self._ddim_update(x, t, xstart_prime, 0.0, eps=eps_prime, draw_noise=False)
-        if len(history) >= order:
-            history.pop(0)
-        # The last step returns the (guided) x_0 prediction itself.
-        mask = _nonzero_mask(t, x)
-        sample = sample * mask + pred_xstart * (1 - mask)
-        return {"sample": sample, "pred_xstart": unguided_xstart, "old_eps": history}
+        return plms_step(denoiser, x, t, order, old_out)
 
     # ------------------------------------------------------------------ sampling loops
-
-    def _loop_progressive(
-        self, step, model, shape, noise, device, progress, *, model_kwargs=None, skip_timesteps=0,
-        init_image=None, randomize_class=False, transform=None,
-    ):
-        """The loop every sampler shares: start from noise, apply ``step`` for t = T-1 .. 0.
-
-        ``step(x, t)`` returns a dict with at least ``sample``; each dict is yielded.
-        ``model`` is only consulted for the device and, with ``randomize_class``, its class count.
-        The options below are those of the guided-diffusion-sdk fork (CLIP-guided
-        notebooks, Disco Diffusion), with its order of random draws:
-
-        - ``skip_timesteps``: start that many steps later, at t = T-1-skip_timesteps;
-        - ``init_image``: start from ``q_sample(init_image, t_start, noise)`` (SDEdit's
-          noised guide), where ``noise`` is the given or freshly drawn start; zeros when
-          only ``skip_timesteps`` is given;
-        - ``randomize_class``: before each step, redraw ``model_kwargs["y"]`` (in place)
-          uniformly over the model's ``num_classes``;
-        - ``transform(i, x)``: a function applied to the current x before step i.
-        """
-        if not isinstance(shape, (tuple, list)):
-            raise TypeError(f"shape must be a tuple or list like (N, C, H, W); got {shape!r}.")
-        integral = isinstance(skip_timesteps, numbers.Integral) and not isinstance(skip_timesteps, bool)
-        if not integral or not 0 <= skip_timesteps < self.num_timesteps:
-            raise ValueError(
-                f"skip_timesteps must be an integer from 0 to {self.num_timesteps - 1} (this "
-                f"diffusion has {self.num_timesteps} steps); got {skip_timesteps!r}."
-            )
-        if device is None:
-            device = _model_device(model, noise)
-        img = noise if noise is not None else th.randn(*shape, device=device)
-        steps = list(range(self.num_timesteps - skip_timesteps))[::-1]
-        if skip_timesteps and init_image is None:
-            init_image = th.zeros_like(img)
-        if init_image is not None:
-            img = self.q_sample(init_image, _batch_timesteps(steps[0], shape[0], device), noise=img)
-        num_classes = _class_count(model) if randomize_class and model_kwargs and "y" in model_kwargs else None
-        for i in _progress(steps, progress):
-            t = _batch_timesteps(i, shape[0], device)
-            if num_classes is not None:
-                labels = model_kwargs["y"]
-                model_kwargs["y"] = th.randint(0, num_classes, labels.shape, device=labels.device)
-            with th.no_grad():
-                if transform is not None:
-                    img = transform(i, img)
-                out = step(img, t)
-            yield out
-            img = out["sample"]
 
     @staticmethod
     def _last_sample(outputs):
@@ -282,7 +165,7 @@ class Samplers:
         """Generate samples with ancestral (DDPM) sampling; returns a tensor of ``shape``.
 
         ``skip_timesteps``, ``init_image`` and ``randomize_class`` are described in
-        ``_loop_progressive``; ``cond_fn_with_grad`` steps with ``p_sample_with_grad``.
+        ``run_loop``; ``cond_fn_with_grad`` steps with ``p_sample_with_grad``.
         """
         return self._last_sample(
             self.p_sample_loop_progressive(
@@ -301,8 +184,8 @@ class Samplers:
         """Yield the ``p_sample`` output of every step, from t = T-1 down to 0."""
         denoiser = Denoiser(self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
                             model_kwargs=model_kwargs, cond_fn_with_grad=cond_fn_with_grad)
-        yield from self._loop_progressive(
-            partial(self._ddpm_step, denoiser), model, shape, noise, device, progress, model_kwargs=model_kwargs,
+        yield from run_loop(
+            self, partial(ddpm_step, denoiser), model, shape, noise, device, progress, model_kwargs=model_kwargs,
             skip_timesteps=skip_timesteps, init_image=init_image, randomize_class=randomize_class,
         )
 
@@ -340,8 +223,8 @@ class Samplers:
         def transform(i, x):
             return transformation_fn(x) if i in at else x
 
-        yield from self._loop_progressive(
-            partial(self._ddim_step, denoiser, eta=eta), model, shape, noise, device, progress,
+        yield from run_loop(
+            self, partial(ddim_step, denoiser, eta=eta), model, shape, noise, device, progress,
             model_kwargs=model_kwargs, skip_timesteps=skip_timesteps, init_image=init_image,
             randomize_class=randomize_class, transform=transform,
         )
@@ -373,19 +256,146 @@ class Samplers:
 
         def step(x, t):
             nonlocal previous
-            previous = self._plms_step(denoiser, x, t, order, previous)
+            previous = plms_step(denoiser, x, t, order, previous)
             return previous
 
-        yield from self._loop_progressive(
-            step, model, shape, noise, device, progress, model_kwargs=model_kwargs,
+        yield from run_loop(
+            self, step, model, shape, noise, device, progress, model_kwargs=model_kwargs,
             skip_timesteps=skip_timesteps, init_image=init_image, randomize_class=randomize_class,
         )
+
+
+# ----------------------------------------------------------------------------- steps and the loop
+
+
+def ddpm_step(denoiser, x, t):
+    """Ho et al., algorithm 2, with the mean guided as in Dhariwal & Nichol, algorithm 1.
+
+    Draws the step's noise between the model call and the guidance, as the original.
+    With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy of x and
+    returns detached tensors.
+    """
+    with_grad = denoiser.cond_fn_with_grad
+    with th.enable_grad() if with_grad else contextlib.nullcontext():
+        if with_grad:
+            x = x.detach().requires_grad_()
+        out = denoiser.predict(x, t)
+        noise = th.randn_like(x)
+        mean = denoiser.guided_mean(out, x, t)
+    sample = mean + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
+    if with_grad:
+        return {"sample": sample.detach(), "pred_xstart": out["pred_xstart"].detach()}
+    return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+
+def ddim_step(denoiser, x, t, eta):
+    """Song et al., eq. 12, from the score-guided x_0 (Dhariwal & Nichol, algorithm 2)."""
+    if denoiser.cond_fn_with_grad:
+        x = x.detach()
+    x0, guided_x0 = denoiser.x0(x, t)
+    return {"sample": ddim_update(denoiser.diffusion, x, t, guided_x0, eta), "pred_xstart": x0}
+
+
+def ddim_update(diffusion, x, t, pred_xstart, eta, eps=None, draw_noise=True):
+    """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al., eq. 12).
+
+    ``eps`` defaults to the noise implied by ``pred_xstart`` (whatever the model
+    predicts), and sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)
+    (eq. 16). With ``draw_noise`` it draws one ``randn_like(x)``, also for eta = 0 and
+    at t = 0 where the noise is masked out, as the original does.
+    """
+    if eps is None:
+        eps = prediction.eps_from_x0(diffusion, x, t, pred_xstart)
+    abar = diffusion._gather64("alphas_cumprod", t)
+    abar_prev = diffusion._gather64("alphas_cumprod_prev", t)
+    sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
+    coef_eps = th.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
+    mean = pred_xstart * diffusion._expand(th.sqrt(abar_prev), x) + diffusion._expand(coef_eps, x) * eps
+    if not draw_noise:
+        return mean
+    return mean + _nonzero_mask(t, x) * diffusion._expand(sigma, x) * th.randn_like(x)
+
+
+def plms_step(denoiser, x, t, order, old_out):
+    """Liu et al. (2022), eq. 12 and 14, from the score-guided noise; see ``Samplers.plms_sample``."""
+    diffusion = denoiser.diffusion
+    if isinstance(order, bool) or order not in (1, 2, 3, 4):
+        raise ValueError(f"PLMS order must be an integer from 1 to 4; got {order!r}.")
+    eps, pred_xstart, unguided_xstart = denoiser.eps(x, t)
+    if order > 1 and old_out is None:
+        history = [eps]
+        halfway = ddim_update(diffusion, x, t, pred_xstart, 0.0, eps=eps, draw_noise=False)
+        # At t = 0 the step returns pred_xstart whatever the half step gives; clamping
+        # keeps that half step inside the chain (the fork wraps around to its end).
+        eps_next, _, _ = denoiser.eps(halfway, (t - 1).clamp(min=0))
+        eps_prime = (eps + eps_next) / 2
+    else:
+        history = [] if old_out is None else old_out["old_eps"]
+        history.append(eps)
+        eps_prime = _adams_bashforth(history[-order:])
+    xstart_prime = prediction.x0_from_eps(diffusion, x, t, eps_prime)
+    sample = ddim_update(diffusion, x, t, xstart_prime, 0.0, eps=eps_prime, draw_noise=False)
+    if len(history) >= order:
+        history.pop(0)
+    # The last step returns the (guided) x_0 prediction itself.
+    mask = _nonzero_mask(t, x)
+    sample = sample * mask + pred_xstart * (1 - mask)
+    return {"sample": sample, "pred_xstart": unguided_xstart, "old_eps": history}
+
+
+def run_loop(
+    diffusion, step, model, shape, noise, device, progress, *, model_kwargs=None, skip_timesteps=0,
+    init_image=None, randomize_class=False, transform=None,
+):
+    """The loop every sampler shares: start from noise, apply ``step`` for t = T-1 .. 0.
+
+    ``step(x, t)`` returns a dict with at least ``sample``; each dict is yielded.
+    ``model`` is only consulted for the device and, with ``randomize_class``, its class count.
+    The options below are those of the guided-diffusion-sdk fork (CLIP-guided
+    notebooks, Disco Diffusion), with its order of random draws:
+
+    - ``skip_timesteps``: start that many steps later, at t = T-1-skip_timesteps;
+    - ``init_image``: start from ``q_sample(init_image, t_start, noise)`` (SDEdit's
+      noised guide), where ``noise`` is the given or freshly drawn start; zeros when
+      only ``skip_timesteps`` is given;
+    - ``randomize_class``: before each step, redraw ``model_kwargs["y"]`` (in place)
+      uniformly over the model's ``num_classes``;
+    - ``transform(i, x)``: a function applied to the current x before step i.
+    """
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple or list like (N, C, H, W); got {shape!r}.")
+    integral = isinstance(skip_timesteps, numbers.Integral) and not isinstance(skip_timesteps, bool)
+    if not integral or not 0 <= skip_timesteps < diffusion.num_timesteps:
+        raise ValueError(
+            f"skip_timesteps must be an integer from 0 to {diffusion.num_timesteps - 1} (this "
+            f"diffusion has {diffusion.num_timesteps} steps); got {skip_timesteps!r}."
+        )
+    if device is None:
+        device = _model_device(model, noise)
+    img = noise if noise is not None else th.randn(*shape, device=device)
+    steps = list(range(diffusion.num_timesteps - skip_timesteps))[::-1]
+    if skip_timesteps and init_image is None:
+        init_image = th.zeros_like(img)
+    if init_image is not None:
+        img = diffusion.q_sample(init_image, batch_timesteps(steps[0], shape[0], device), noise=img)
+    num_classes = _class_count(model) if randomize_class and model_kwargs and "y" in model_kwargs else None
+    for i in progress_bar(steps, progress):
+        t = batch_timesteps(i, shape[0], device)
+        if num_classes is not None:
+            labels = model_kwargs["y"]
+            model_kwargs["y"] = th.randint(0, num_classes, labels.shape, device=labels.device)
+        with th.no_grad():
+            if transform is not None:
+                img = transform(i, img)
+            out = step(img, t)
+        yield out
+        img = out["sample"]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _batch_timesteps(step, batch_size, device):
+def batch_timesteps(step, batch_size, device):
     """Timestep tensor [B] filled with ``step`` (built on the device, no copy from host)."""
     return th.full((batch_size,), step, device=device, dtype=th.long)
 
@@ -395,7 +405,8 @@ def _nonzero_mask(t, x):
     return (t != 0).to(th.promote_types(x.dtype, th.float32)).view(-1, *([1] * (x.ndim - 1)))
 
 
-def _progress(iterable, enabled, total=None):
+def progress_bar(iterable, enabled, total=None):
+    """``iterable`` wrapped in a tqdm progress bar when ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
