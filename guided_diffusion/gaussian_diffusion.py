@@ -1,6 +1,11 @@
-"""Gaussian diffusion: schedules, the forward process, the learned reverse process,
-training objectives and likelihood evaluation. The samplers (DDPM, DDIM, PLMS) and
-guidance are in samplers.py, whose ``Samplers`` methods ``GaussianDiffusion`` inherits.
+"""Gaussian diffusion: schedules, the forward process, the learned reverse process and
+the training objectives.
+
+Around it: prediction.py turns model outputs into x_0, eps, means and targets (one
+object per ``ModelMeanType``); schedule.py views the tables as functions of logSNR and
+continuous time; samplers.py holds the samplers (DDPM, DDIM, PLMS) and guidance, whose
+``Samplers`` methods ``GaussianDiffusion`` inherits, over the denoiser view of
+denoiser.py; likelihood.py computes bits per dimension.
 
 References
 ----------

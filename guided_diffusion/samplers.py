@@ -1,11 +1,12 @@
 """The reverse-process samplers of ``GaussianDiffusion``: guidance, the DDPM, DDIM and
 PLMS steps, and the one loop they share.
 
-``GaussianDiffusion`` inherits these methods from ``Samplers``. They rely on its
-tables and its model parameterisation (``p_mean_variance``, ``q_sample``,
-``q_posterior_mean_variance``, ``_predict_*``, ``_coef``, ``_gather64``, ``_expand``)
-and draw random numbers from torch's global generator in the original's order: the
-start noise (``torch.randn(*shape)`` unless ``noise`` is given), then one
+``GaussianDiffusion`` inherits the original's public methods from ``Samplers``; each
+is a thin shim over a free step function (``ddpm_step``, ``ddim_step``, ``plms_step``)
+that asks a ``Denoiser`` (the model, its options and guidance, built once per loop)
+for predictions, and over ``run_loop``, the one loop they share. They read the
+diffusion's float64 tables (``_gather64``, ``_expand``, ``_coef``) and draw random
+numbers from torch's global generator in the original's order: the start noise (``torch.randn(*shape)`` unless ``noise`` is given), then one
 ``randn_like(x)`` per DDPM or DDIM step after the model call, also at t = 0.
 
 References
