@@ -6,8 +6,9 @@ is a thin shim over a free step function (``ddpm_step``, ``ddim_step``, ``plms_s
 that asks a ``Denoiser`` (the model, its options and guidance, built once per loop)
 for predictions, and over ``run_loop``, the one loop they share. They read the
 diffusion's float64 tables (``_gather64``, ``_expand``, ``_coef``) and draw random
-numbers from torch's global generator in the original's order: the start noise (``torch.randn(*shape)`` unless ``noise`` is given), then one
-``randn_like(x)`` per DDPM or DDIM step after the model call, also at t = 0.
+numbers from torch's global generator in the original's order: the start noise
+(``torch.randn(*shape)`` unless ``noise`` is given), then one ``randn_like(x)`` per
+DDPM or DDIM step after the model call, also at t = 0.
 
 References
 ----------
