@@ -14,6 +14,7 @@ figure reported per (implementation, task) is the median over rounds.
         --precision bf16 --compile --flags_for ours --original_precision fp16    # issue 8's GPU target
     python benchmarks/bench.py --impls ours --disable allocator,cpu_attention   # one fast path's effect
     python benchmarks/bench.py --json results.json
+    python benchmarks/bench.py --impls ours,baseline,original --baseline_dir /tmp/before   # a change's effect
 
 Implementations: `ours` is the package in this checkout; `original` is OpenAI's
 guided_diffusion as published on PyPI (guided-diffusion-sdk 1.0.0, which
@@ -146,16 +147,22 @@ def worker_command(impl_path, task, args):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--precision", precision_of(impl_path, args)]
     for flag in ("compile", "channels_last", "tf32", "cudnn_benchmark"):
-        if getattr(args, flag) and (args.flags_for == "both" or impl_path == ROOT):
+        if getattr(args, flag) and (args.flags_for == "both" or is_ours(impl_path, args)):
             cmd.append(f"--{flag}")
-    if args.fused_adam and impl_path == ROOT:  # the original has no such option
+    if args.fused_adam and is_ours(impl_path, args):  # the original has no such option
         cmd.append("--fused_adam")
     return cmd
 
 
+def is_ours(impl_path, args):
+    """Whether ``impl_path`` is this package: this checkout, or the --baseline_dir copy of it."""
+    baseline = getattr(args, "baseline_dir", "")
+    return impl_path == ROOT or bool(baseline) and impl_path == Path(baseline)
+
+
 def precision_of(impl_path, args):
     """The precision an implementation runs in (--original_precision can differ for the original)."""
-    if impl_path != ROOT and args.original_precision:
+    if not is_ours(impl_path, args) and args.original_precision:
         return args.original_precision
     return args.precision
 
@@ -167,8 +174,11 @@ def drive(args):
             impls[name] = ROOT
         elif name == "original":
             impls[name] = Path(args.original_dir) if args.original_dir else original_dir(args.cache)
+        elif name == "baseline" and args.baseline_dir:
+            impls[name] = Path(args.baseline_dir)
         else:
-            raise SystemExit(f"unknown implementation {name!r}: use ours and/or original (--impls)")
+            raise SystemExit(f"unknown implementation {name!r}: use ours, original and, with --baseline_dir, "
+                             "baseline (--impls)")
     tasks = args.tasks.split(",")
     for task in tasks:
         if task not in TASKS:
@@ -207,6 +217,8 @@ def drive(args):
         if "ours" in row and "original" in row and "error" not in row["ours"] and "error" not in row["original"]:
             row["speedup"] = row["ours"]["images_per_s"] / row["original"]["images_per_s"]
             row["memory_ratio"] = row["ours"]["peak_mb"] / row["original"]["peak_mb"]
+        if "baseline" in row and "original" in row and "error" not in row["baseline"] and "error" not in row["original"]:
+            row["baseline_speedup"] = row["baseline"]["images_per_s"] / row["original"]["images_per_s"]
         summary.append(row)
 
     header = f"{'task':10s}" + "".join(f"{impl + ' img/s':>16s}{impl + ' MB':>12s}" for impl in impls)
@@ -220,6 +232,8 @@ def drive(args):
                      else f"{'error':>16s}{'':>12s}")
         if "speedup" in row:
             line += f"{row['speedup']:9.2f}x{row['memory_ratio']:7.2f}x"
+        if "baseline_speedup" in row:
+            line += f"  (baseline {row['baseline_speedup']:.2f}x)"
         print(line)
     for row in summary:
         for impl in impls:
@@ -606,7 +620,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=sorted(CONFIGS), help="model configuration")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--impls", default="ours,original", help="comma-separated: ours, original")
+    p.add_argument("--impls", default="ours,original", help="comma-separated: ours, original, baseline")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16 is the original's scheme (fp16 torso, fp32 master weights); bf16 is autocast")
     p.add_argument("--original_precision", default="", choices=["", "fp32", "fp16", "bf16"],
@@ -639,6 +653,9 @@ def main(argv=None):
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "guided_diffusion_bench"),
                    help="where the original package is downloaded")
     p.add_argument("--original_dir", default="", help="folder that contains the original guided_diffusion package")
+    p.add_argument("--baseline_dir", default="",
+                   help="another checkout of this package (e.g. `git worktree add /tmp/before REV`), measured "
+                        "as implementation 'baseline' in the same interleaved rounds: before/after figures")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -79,6 +79,19 @@ def test_speed_flags_reach_the_workers_of_the_implementations_they_are_for():
     assert not {"--compile", "--cudnn_benchmark", "--fused_adam"} & set(command(original, "--flags_for", "ours"))
 
 
+def test_a_baseline_checkout_is_measured_as_ours():
+    """--baseline_dir (a before/after comparison) gets ours' flags and precision, not the original's."""
+    bench = _bench_module()
+    baseline = Path("/elsewhere/before")
+    argv = ["--compile", "--fused_adam", "--flags_for", "ours", "--precision", "bf16",
+            "--original_precision", "fp16", "--baseline_dir", str(baseline)]
+    args = _parse_bench_args(bench, argv)
+    command = bench.worker_command(baseline, "train", args)
+    assert {"--compile", "--fused_adam"} <= set(command)
+    assert command[command.index("--precision") + 1] == "bf16"
+    assert bench.precision_of(Path("/elsewhere/original"), args) == "fp16"
+
+
 def _parse_bench_args(bench, argv):
     """bench.py's driver arguments for ``argv``, as its main() hands them to drive()."""
     captured = {}
