@@ -61,7 +61,7 @@ def _classifier(image_size, depth):
         classifier_use_scale_shift_norm=True,
         classifier_resblock_updown=True,
         classifier_pool="attention",
-    )
+   )
 
 
 def _super_res(base, **flags):
@@ -70,350 +70,171 @@ def _super_res(base, **flags):
     return merged
 
 
-PRESETS = {
+def _release(source, url, name, kind, description, flags, sample_flags=None, train_flags=None):
+    """(``name``, preset) for the released file ``name``.pt of ``source``, published under ``url``."""
+    return name, dict(
+        kind=kind,
+        source=source,
+        checkpoint=f"{name}.pt",
+        url=f"{url}{name}.pt",
+        description=description,
+        flags=flags,
+        sample_flags=sample_flags or {},
+        train_flags=train_flags or {},
+   )
+
+
+def _guided(*args, **kwargs):
+    return _release("guided-diffusion", _GUIDED_URL, *args, **kwargs)
+
+
+def _improved(*args, **kwargs):
+    return _release("improved-diffusion", _IMPROVED_URL, *args, **kwargs)
+
+
+PRESETS = dict([
     # ------------------------------------------------------------ guided-diffusion: ImageNet
-    "64x64_diffusion": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="64x64_diffusion.pt",
-        url=_GUIDED_URL + "64x64_diffusion.pt",
-        description="ImageNet 64x64 class-conditional ADM (cosine schedule, new attention order)",
-        flags=dict(
-            _ADM,
-            image_size=64,
-            class_cond=True,
-            dropout=0.1,
-            noise_schedule="cosine",
-            num_channels=192,
-            num_head_channels=64,
-            num_res_blocks=3,
-            use_new_attention_order=True,
-        ),
+    _guided(
+        "64x64_diffusion", "diffusion",
+        "ImageNet 64x64 class-conditional ADM (cosine schedule, new attention order)",
+        flags=dict(_ADM, image_size=64, class_cond=True, dropout=0.1, noise_schedule="cosine",
+                   num_channels=192, num_head_channels=64, num_res_blocks=3, use_new_attention_order=True),
         sample_flags=dict(_GUIDED_SAMPLE, classifier_scale=1.0),
-        train_flags={},
     ),
-    "128x128_diffusion": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="128x128_diffusion.pt",
-        url=_GUIDED_URL + "128x128_diffusion.pt",
-        description="ImageNet 128x128 class-conditional ADM",
+    _guided(
+        "128x128_diffusion", "diffusion", "ImageNet 128x128 class-conditional ADM",
         flags=dict(_ADM, image_size=128, class_cond=True, num_heads=4),
         sample_flags=dict(_GUIDED_SAMPLE, classifier_scale=0.5),
-        train_flags={},
     ),
-    "256x256_diffusion": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="256x256_diffusion.pt",
-        url=_GUIDED_URL + "256x256_diffusion.pt",
-        description="ImageNet 256x256 class-conditional ADM",
+    _guided(
+        "256x256_diffusion", "diffusion", "ImageNet 256x256 class-conditional ADM",
         flags=dict(_ADM, image_size=256, class_cond=True, num_head_channels=64),
         sample_flags=dict(_GUIDED_SAMPLE, classifier_scale=1.0),
-        train_flags={},
     ),
-    "256x256_diffusion_uncond": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="256x256_diffusion_uncond.pt",
-        url=_GUIDED_URL + "256x256_diffusion_uncond.pt",
-        description="ImageNet 256x256 unconditional ADM (guided by the 256x256 classifier)",
+    _guided(
+        "256x256_diffusion_uncond", "diffusion",
+        "ImageNet 256x256 unconditional ADM (guided by the 256x256 classifier)",
         flags=dict(_ADM, image_size=256, class_cond=False, num_head_channels=64),
         sample_flags=dict(_GUIDED_SAMPLE, classifier_scale=10.0),
-        train_flags={},
     ),
-    "512x512_diffusion": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="512x512_diffusion.pt",
-        url=_GUIDED_URL + "512x512_diffusion.pt",
-        description="ImageNet 512x512 class-conditional ADM (float32)",
+    _guided(
+        "512x512_diffusion", "diffusion", "ImageNet 512x512 class-conditional ADM (float32)",
         flags=dict(_ADM, image_size=512, class_cond=True, num_head_channels=64, use_fp16=False),
         sample_flags=dict(_GUIDED_SAMPLE, classifier_scale=4.0),
-        train_flags={},
     ),
     # ------------------------------------------------------------ guided-diffusion: classifiers
-    "64x64_classifier": dict(
-        kind="classifier",
-        source="guided-diffusion",
-        checkpoint="64x64_classifier.pt",
-        url=_GUIDED_URL + "64x64_classifier.pt",
-        description="noisy ImageNet 64x64 classifier for guidance (depth 4)",
+    _guided(
+        "64x64_classifier", "classifier", "noisy ImageNet 64x64 classifier for guidance (depth 4)",
         flags=_classifier(64, depth=4),
-        sample_flags={},
-        train_flags={},
     ),
-    "128x128_classifier": dict(
-        kind="classifier",
-        source="guided-diffusion",
-        checkpoint="128x128_classifier.pt",
-        url=_GUIDED_URL + "128x128_classifier.pt",
-        description="noisy ImageNet 128x128 classifier for guidance",
+    _guided(
+        "128x128_classifier", "classifier", "noisy ImageNet 128x128 classifier for guidance",
         flags=_classifier(128, depth=2),
-        sample_flags={},
-        train_flags=dict(
-            iterations=300000, anneal_lr=True, batch_size=256, lr=3e-4, save_interval=10000, weight_decay=0.05
-        ),
+        train_flags=dict(iterations=300000, anneal_lr=True, batch_size=256, lr=3e-4, save_interval=10000,
+                         weight_decay=0.05),
     ),
-    "256x256_classifier": dict(
-        kind="classifier",
-        source="guided-diffusion",
-        checkpoint="256x256_classifier.pt",
-        url=_GUIDED_URL + "256x256_classifier.pt",
-        description="noisy ImageNet 256x256 classifier for guidance",
+    _guided(
+        "256x256_classifier", "classifier", "noisy ImageNet 256x256 classifier for guidance",
         flags=_classifier(256, depth=2),
-        sample_flags={},
-        train_flags={},
     ),
-    "512x512_classifier": dict(
-        kind="classifier",
-        source="guided-diffusion",
-        checkpoint="512x512_classifier.pt",
-        url=_GUIDED_URL + "512x512_classifier.pt",
-        description="noisy ImageNet 512x512 classifier for guidance",
+    _guided(
+        "512x512_classifier", "classifier", "noisy ImageNet 512x512 classifier for guidance",
         flags=_classifier(512, depth=2),
-        sample_flags={},
-        train_flags={},
     ),
     # ------------------------------------------------------------ guided-diffusion: upsamplers
-    "64_256_upsampler": dict(
-        kind="super-res",
-        source="guided-diffusion",
-        checkpoint="64_256_upsampler.pt",
-        url=_GUIDED_URL + "64_256_upsampler.pt",
-        description="ImageNet 64x64 -> 256x256 class-conditional upsampler",
-        flags=_super_res(
-            _ADM, large_size=256, small_size=64, class_cond=True, num_channels=192, num_heads=4
-        ),
+    _guided(
+        "64_256_upsampler", "super-res", "ImageNet 64x64 -> 256x256 class-conditional upsampler",
+        flags=_super_res(_ADM, large_size=256, small_size=64, class_cond=True, num_channels=192, num_heads=4),
         sample_flags=dict(_GUIDED_SAMPLE),
-        train_flags={},
     ),
-    "128_512_upsampler": dict(
-        kind="super-res",
-        source="guided-diffusion",
-        checkpoint="128_512_upsampler.pt",
-        url=_GUIDED_URL + "128_512_upsampler.pt",
-        description="ImageNet 128x128 -> 512x512 class-conditional upsampler",
-        flags=_super_res(
-            _ADM,
-            large_size=512,
-            small_size=128,
-            attention_resolutions="32,16",
-            class_cond=True,
-            num_channels=192,
-            num_head_channels=64,
-        ),
+    _guided(
+        "128_512_upsampler", "super-res", "ImageNet 128x128 -> 512x512 class-conditional upsampler",
+        flags=_super_res(_ADM, large_size=512, small_size=128, attention_resolutions="32,16", class_cond=True,
+                         num_channels=192, num_head_channels=64),
         sample_flags=dict(_GUIDED_SAMPLE),
-        train_flags={},
     ),
     # ------------------------------------------------------------ guided-diffusion: LSUN
-    "lsun_bedroom": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="lsun_bedroom.pt",
-        url=_GUIDED_URL + "lsun_bedroom.pt",
-        description="LSUN bedroom 256x256 unconditional ADM",
+    _guided(
+        "lsun_bedroom", "diffusion", "LSUN bedroom 256x256 unconditional ADM",
         flags=dict(_ADM, image_size=256, dropout=0.1, num_head_channels=64),
         sample_flags=dict(_LSUN_SAMPLE),
-        train_flags={},
     ),
-    "lsun_cat": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="lsun_cat.pt",
-        url=_GUIDED_URL + "lsun_cat.pt",
-        description="LSUN cat 256x256 unconditional ADM",
+    _guided(
+        "lsun_cat", "diffusion", "LSUN cat 256x256 unconditional ADM",
         flags=dict(_ADM, image_size=256, dropout=0.1, num_head_channels=64),
         sample_flags=dict(_LSUN_SAMPLE),
-        train_flags={},
     ),
-    "lsun_horse": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="lsun_horse.pt",
-        url=_GUIDED_URL + "lsun_horse.pt",
-        description="LSUN horse 256x256 unconditional ADM",
+    _guided(
+        "lsun_horse", "diffusion", "LSUN horse 256x256 unconditional ADM",
         flags=dict(_ADM, image_size=256, dropout=0.1, num_head_channels=64),
         sample_flags=dict(_LSUN_SAMPLE),
-        train_flags={},
     ),
-    "lsun_horse_nodropout": dict(
-        kind="diffusion",
-        source="guided-diffusion",
-        checkpoint="lsun_horse_nodropout.pt",
-        url=_GUIDED_URL + "lsun_horse_nodropout.pt",
-        description="LSUN horse 256x256 unconditional ADM trained without dropout",
+    _guided(
+        "lsun_horse_nodropout", "diffusion", "LSUN horse 256x256 unconditional ADM trained without dropout",
         flags=dict(_ADM, image_size=256, dropout=0.0, num_head_channels=64),
         sample_flags=dict(_LSUN_SAMPLE),
-        train_flags={},
     ),
     # ------------------------------------------------------------ improved-diffusion
-    "imagenet64_uncond_100M_1500K": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="imagenet64_uncond_100M_1500K.pt",
-        url=_IMPROVED_URL + "imagenet64_uncond_100M_1500K.pt",
-        description="ImageNet-64 unconditional, L_hybrid objective, cosine schedule",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=64,
-            num_channels=128,
-            num_res_blocks=3,
-            learn_sigma=True,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-        ),
-        sample_flags={},
+    _improved(
+        "imagenet64_uncond_100M_1500K", "diffusion",
+        "ImageNet-64 unconditional, L_hybrid objective, cosine schedule",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=64, num_channels=128, num_res_blocks=3, learn_sigma=True,
+                   diffusion_steps=4000, noise_schedule="cosine"),
         train_flags=dict(lr=1e-4, batch_size=128),
     ),
-    "imagenet64_uncond_vlb_100M_1500K": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="imagenet64_uncond_vlb_100M_1500K.pt",
-        url=_IMPROVED_URL + "imagenet64_uncond_vlb_100M_1500K.pt",
-        description="ImageNet-64 unconditional, L_vlb objective, cosine schedule",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=64,
-            num_channels=128,
-            num_res_blocks=3,
-            learn_sigma=True,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-            use_kl=True,
-        ),
-        sample_flags={},
+    _improved(
+        "imagenet64_uncond_vlb_100M_1500K", "diffusion",
+        "ImageNet-64 unconditional, L_vlb objective, cosine schedule",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=64, num_channels=128, num_res_blocks=3, learn_sigma=True,
+                   diffusion_steps=4000, noise_schedule="cosine", use_kl=True),
         train_flags=dict(lr=1e-4, batch_size=128, schedule_sampler="loss-second-moment"),
     ),
-    "cifar10_uncond_50M_500K": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="cifar10_uncond_50M_500K.pt",
-        url=_IMPROVED_URL + "cifar10_uncond_50M_500K.pt",
-        description="CIFAR-10 unconditional, L_hybrid objective, cosine schedule",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=32,
-            num_channels=128,
-            num_res_blocks=3,
-            learn_sigma=True,
-            dropout=0.3,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-        ),
-        sample_flags={},
+    _improved(
+        "cifar10_uncond_50M_500K", "diffusion", "CIFAR-10 unconditional, L_hybrid objective, cosine schedule",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True,
+                   dropout=0.3, diffusion_steps=4000, noise_schedule="cosine"),
         train_flags=dict(lr=1e-4, batch_size=128),
     ),
-    "cifar10_uncond_vlb_50M_500K": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="cifar10_uncond_vlb_50M_500K.pt",
-        url=_IMPROVED_URL + "cifar10_uncond_vlb_50M_500K.pt",
-        description="CIFAR-10 unconditional, L_vlb objective, cosine schedule",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=32,
-            num_channels=128,
-            num_res_blocks=3,
-            learn_sigma=True,
-            dropout=0.3,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-            use_kl=True,
-        ),
-        sample_flags={},
+    _improved(
+        "cifar10_uncond_vlb_50M_500K", "diffusion",
+        "CIFAR-10 unconditional, L_vlb objective, cosine schedule",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=32, num_channels=128, num_res_blocks=3, learn_sigma=True,
+                   dropout=0.3, diffusion_steps=4000, noise_schedule="cosine", use_kl=True),
         train_flags=dict(lr=1e-4, batch_size=128, schedule_sampler="loss-second-moment"),
     ),
-    "imagenet64_cond_270M_250K": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="imagenet64_cond_270M_250K.pt",
-        url=_IMPROVED_URL + "imagenet64_cond_270M_250K.pt",
-        description="ImageNet-64 class-conditional (270M parameters)",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=64,
-            num_channels=192,
-            num_res_blocks=3,
-            learn_sigma=True,
-            class_cond=True,
-            diffusion_steps=4000,
-            noise_schedule="cosine",
-            rescale_learned_sigmas=False,
-            rescale_timesteps=False,
-        ),
-        sample_flags={},
+    _improved(
+        "imagenet64_cond_270M_250K", "diffusion", "ImageNet-64 class-conditional (270M parameters)",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=64, num_channels=192, num_res_blocks=3, learn_sigma=True,
+                   class_cond=True, diffusion_steps=4000, noise_schedule="cosine",
+                   rescale_learned_sigmas=False, rescale_timesteps=False),
         train_flags=dict(lr=3e-4, batch_size=2048),
     ),
-    "upsample_cond_500K": dict(
-        kind="super-res",
-        source="improved-diffusion",
-        checkpoint="upsample_cond_500K.pt",
-        url=_IMPROVED_URL + "upsample_cond_500K.pt",
-        description="ImageNet 64 -> 256 class-conditional upsampler (280M parameters)",
-        flags=_super_res(
-            _IMPROVED_DEFAULTS,
-            large_size=256,
-            small_size=64,
-            num_channels=192,
-            num_res_blocks=2,
-            learn_sigma=True,
-            class_cond=True,
-            diffusion_steps=4000,
-            noise_schedule="linear",
-            rescale_learned_sigmas=False,
-            rescale_timesteps=False,
-        ),
-        sample_flags={},
+    _improved(
+        "upsample_cond_500K", "super-res", "ImageNet 64 -> 256 class-conditional upsampler (280M parameters)",
+        flags=_super_res(_IMPROVED_DEFAULTS, large_size=256, small_size=64, num_channels=192,
+                         num_res_blocks=2, learn_sigma=True, class_cond=True, diffusion_steps=4000,
+                         noise_schedule="linear", rescale_learned_sigmas=False, rescale_timesteps=False),
         train_flags=dict(lr=3e-4, batch_size=256),
     ),
-    "lsun_uncond_100M_1200K_bs128": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="lsun_uncond_100M_1200K_bs128.pt",
-        url=_IMPROVED_URL + "lsun_uncond_100M_1200K_bs128.pt",
-        description="LSUN bedroom 256x256 unconditional, trained with lr 1e-4",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=256,
-            num_channels=128,
-            num_res_blocks=2,
-            num_heads=1,
-            learn_sigma=True,
-            use_scale_shift_norm=False,
-            attention_resolutions="16",
-            diffusion_steps=1000,
-            noise_schedule="linear",
-            rescale_learned_sigmas=False,
-            rescale_timesteps=False,
-        ),
-        sample_flags={},
+    _improved(
+        "lsun_uncond_100M_1200K_bs128", "diffusion",
+        "LSUN bedroom 256x256 unconditional, trained with lr 1e-4",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=256, num_channels=128, num_res_blocks=2, num_heads=1,
+                   learn_sigma=True, use_scale_shift_norm=False, attention_resolutions="16",
+                   diffusion_steps=1000, noise_schedule="linear", rescale_learned_sigmas=False,
+                   rescale_timesteps=False),
         train_flags=dict(lr=1e-4, batch_size=128),
     ),
-    "lsun_uncond_100M_2400K_bs64": dict(
-        kind="diffusion",
-        source="improved-diffusion",
-        checkpoint="lsun_uncond_100M_2400K_bs64.pt",
-        url=_IMPROVED_URL + "lsun_uncond_100M_2400K_bs64.pt",
-        description="LSUN bedroom 256x256 unconditional, fine-tuned with lr 2e-5",
-        flags=dict(
-            _IMPROVED_DEFAULTS,
-            image_size=256,
-            num_channels=128,
-            num_res_blocks=2,
-            num_heads=1,
-            learn_sigma=True,
-            use_scale_shift_norm=False,
-            attention_resolutions="16",
-            diffusion_steps=1000,
-            noise_schedule="linear",
-            rescale_learned_sigmas=False,
-            rescale_timesteps=False,
-        ),
-        sample_flags={},
+    _improved(
+        "lsun_uncond_100M_2400K_bs64", "diffusion",
+        "LSUN bedroom 256x256 unconditional, fine-tuned with lr 2e-5",
+        flags=dict(_IMPROVED_DEFAULTS, image_size=256, num_channels=128, num_res_blocks=2, num_heads=1,
+                   learn_sigma=True, use_scale_shift_norm=False, attention_resolutions="16",
+                   diffusion_steps=1000, noise_schedule="linear", rescale_learned_sigmas=False,
+                   rescale_timesteps=False),
         train_flags=dict(lr=2e-5, batch_size=128),
     ),
-}
+])
 
 PURPOSES = (None, "sample", "train")
 
