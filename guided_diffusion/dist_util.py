@@ -278,3 +278,16 @@ def all_gather_objects(obj):
     dist.all_gather_object(out, obj)
     return out
 
+
+def rank_and_world():
+    """(rank, world size) of the process group, (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device():
+    """Where tensors must live for collectives of the current backend."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return dev()
+    return torch.device("cpu")

@@ -288,7 +288,7 @@ def _update_ema(targets, sources, rate):
 class TrainLoop:
     """Train ``model`` on batches from ``data`` (an iterator of ``(images, cond_dict)``).
 
-    Arguments are the original's (``../shared/API.md``); beyond them
+    Arguments are the original's (same names and defaults); beyond them
     ``max_steps`` stops after that many iterations (counted over resumes; 0: no
     limit) and ``restore_data_position`` (default True) fast-forwards ``data`` on an
     exact resume by the number of batches the earlier run consumed.

@@ -20,9 +20,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
     sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, guidance, logger, perf, sample_util, sampling_cli  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
+    args_to_dict,
     classifier_defaults,
     classifier_extra_defaults,
     create_classifier,
@@ -50,7 +51,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(classifier_extra_defaults())  # shares in_channels and num_classes
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
-    sample_util.add_sampling_flags(parser)
+    sampling_cli.add_sampling_flags(parser)
     return parser
 
 
@@ -65,25 +66,25 @@ def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
-    sample_util.check_class_label(args.class_label, args.num_classes)
-    sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
+    sampling_cli.check_class_label(args.class_label, args.num_classes)
+    sampling_cli.check_respacing(args.diffusion_steps, args.timestep_respacing)
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
+    model_flags = args_to_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
-    sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
+    sampling_cli.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
     logger.log("loading classifier...")
-    classifier_flags = sample_util.flags_dict(args, [*classifier_defaults(), *classifier_extra_defaults()])
+    classifier_flags = args_to_dict(args, [*classifier_defaults(), *classifier_extra_defaults()])
     classifier = create_classifier(**classifier_flags)
-    sample_util.prepare_model(
+    sampling_cli.prepare_model(
         classifier,
         args.classifier_path,
         flag="classifier_path",
         flags=classifier_flags,
         use_fp16=args.classifier_use_fp16,
     )
-    cond_fn = sample_util.classifier_cond_fn(classifier, args.classifier_scale)
+    cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale)
 
     network = perf.inference_model(model, args, dist_util.dev())
 
@@ -97,7 +98,7 @@ def main(argv=None):
         )
         return {"y": labels}, labels.numpy()
 
-    path = sample_util.generate_and_save(
+    path = sampling_cli.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=model_fn,

@@ -39,7 +39,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from guided_diffusion import digits_check, sample_util  # noqa: E402
+from guided_diffusion import digits_check  # noqa: E402
+from guided_diffusion.atomic import atomic_savez  # noqa: E402
+from guided_diffusion.outputs import samples_file_name, to_uint8_images  # noqa: E402
+from guided_diffusion.sampling_cli import prepare_model  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -180,14 +183,14 @@ def sample_every_class(checkpoint, model_flags, respacing, per_class, seed):
     flags = {**model_and_diffusion_defaults(), **model_extra_defaults(), **model_flags}
     flags["timestep_respacing"] = respacing
     model, diffusion = create_model_and_diffusion(**flags)
-    sample_util.prepare_model(model, checkpoint, flag="model_path", flags=flags, use_fp16=False)
+    prepare_model(model, checkpoint, flag="model_path", flags=flags, use_fp16=False)
     labels = torch.arange(model_flags["num_classes"]).repeat_interleave(per_class)
     torch.manual_seed(seed)
     size = model_flags["image_size"]
     samples = diffusion.p_sample_loop(
         model, (len(labels), model_flags["in_channels"], size, size), model_kwargs={"y": labels}
     )
-    return sample_util.to_uint8_images(samples), labels.numpy()
+    return to_uint8_images(samples), labels.numpy()
 
 
 def save_class_grid(images, per_class, path, scale=GRID_SCALE, gap=1):
@@ -237,8 +240,8 @@ def run(out_dir, quick=False, seed=0, max_steps=None, threads=1):
     images, labels = sample_every_class(checkpoint, model_flags, respacing, per_class, seed)
     sample_dir = os.path.join(out_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
-    npz_path = os.path.join(sample_dir, sample_util.samples_file_name(images))
-    sample_util.atomic_savez(npz_path, arr_0=images, arr_1=labels)
+    npz_path = os.path.join(sample_dir, samples_file_name(images))
+    atomic_savez(npz_path, arr_0=images, arr_1=labels)
     grid_path = save_class_grid(images, per_class, os.path.join(sample_dir, "digits_grid.png"))
 
     print("[4/4] checking the samples with a classifier trained on the real digits", flush=True)

@@ -25,10 +25,12 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, logger, perf, sample_util, sampling_cli  # noqa: E402
+from guided_diffusion.atomic import atomic_savez  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
+    args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     model_extra_defaults,
@@ -69,19 +71,19 @@ def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
-    sample_util.check_positive("num_samples", args.num_samples, 1000)
-    sample_util.check_positive("batch_size", args.batch_size, 16)
-    sample_util.check_positive("nll_batch", args.nll_batch, 8)
-    sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
+    sampling_cli.check_positive("num_samples", args.num_samples, 1000)
+    sampling_cli.check_positive("batch_size", args.batch_size, 16)
+    sampling_cli.check_positive("nll_batch", args.nll_batch, 8)
+    sampling_cli.check_respacing(args.diffusion_steps, args.timestep_respacing)
     if not args.data_dir:
-        raise sample_util.UsageError("--data_dir is empty: pass the folder of images to evaluate")
+        raise errors.UsageError("--data_dir is empty: pass the folder of images to evaluate")
     if not os.path.isdir(args.data_dir):
-        raise sample_util.UsageError(f"--data_dir {args.data_dir!r}: no such folder")
+        raise errors.UsageError(f"--data_dir {args.data_dir!r}: no such folder")
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
+    model_flags = args_to_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
-    sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
+    sampling_cli.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
     logger.log("creating data loader...")
     data = load_data(
@@ -106,7 +108,7 @@ def run_bpd_evaluation(model, diffusion, data, args) -> float:
     i % world; each round every rank evaluates at most one batch and the sums
     are reduced, so the logged running mean covers all ranks.
     """
-    rank, world = sample_util.rank_and_world()
+    rank, world = dist_util.rank_and_world()
     seed = sample_util.resolve_seed(args.seed)
     logger.log(f"seed {seed}")
     share = sample_util.rank_share(args.num_samples, rank, world)
@@ -140,7 +142,7 @@ def run_bpd_evaluation(model, diffusion, data, args) -> float:
         for i, term in enumerate(TERMS):
             means = totals[2 + i * steps : 2 + (i + 1) * steps] / totals[0]
             path = os.path.join(logger.get_dir(), f"{term}_terms.npz")
-            sample_util.atomic_savez(path, arr_0=means.astype(np.float32))
+            atomic_savez(path, arr_0=means.astype(np.float32))
             logger.log(f"saved {term} terms to {os.path.abspath(path)}")
     return float(totals[1] / totals[0])
 

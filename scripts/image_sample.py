@@ -19,9 +19,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
     sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, logger, perf, sample_util, sampling_cli  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
+    args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     model_extra_defaults,
@@ -36,7 +37,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(model_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
-    sample_util.add_sampling_flags(parser)
+    sampling_cli.add_sampling_flags(parser)
     return parser
 
 
@@ -50,13 +51,13 @@ def main(argv=None):
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     if args.class_cond:
-        sample_util.check_class_label(args.class_label, args.num_classes)
-    sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
+        sampling_cli.check_class_label(args.class_label, args.num_classes)
+    sampling_cli.check_respacing(args.diffusion_steps, args.timestep_respacing)
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
+    model_flags = args_to_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
     model, diffusion = create_model_and_diffusion(**model_flags)
-    sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
+    sampling_cli.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
     def conditioning(index, size, seed):
         if not args.class_cond:
@@ -66,7 +67,7 @@ def main(argv=None):
         )
         return {"y": labels}, labels.numpy()
 
-    path = sample_util.generate_and_save(
+    path = sampling_cli.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=perf.inference_model(model, args, dist_util.dev()),

@@ -23,9 +23,12 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import dist_util, errors, logger, perf, sampling_cli  # noqa: E402
+from guided_diffusion.inputs import load_base_samples  # noqa: E402
+from guided_diffusion.outputs import from_uint8_images  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
+    args_to_dict,
     parse_args_with_presets,
     sr_create_model_and_diffusion,
     sr_extra_defaults,
@@ -47,7 +50,7 @@ def create_argparser() -> argparse.ArgumentParser:
     defaults.update(sr_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dict_to_argparser(parser, defaults)
-    sample_util.add_sampling_flags(parser, class_choice=False)
+    sampling_cli.add_sampling_flags(parser, class_choice=False)
     return parser
 
 
@@ -60,29 +63,29 @@ def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
-    sample_util.check_respacing(args.diffusion_steps, args.timestep_respacing)
+    sampling_cli.check_respacing(args.diffusion_steps, args.timestep_respacing)
     channels = args.in_channels
-    base_images, base_labels = sample_util.load_base_samples(
+    base_images, base_labels = load_base_samples(
         args.base_samples, image_size=args.small_size, channels=channels, class_cond=args.class_cond
     )
     logger.log(f"loaded {len(base_images)} base samples from {args.base_samples}")
 
     logger.log("creating model and diffusion...")
-    model_flags = sample_util.flags_dict(args, [*sr_model_and_diffusion_defaults(), *sr_extra_defaults()])
+    model_flags = args_to_dict(args, [*sr_model_and_diffusion_defaults(), *sr_extra_defaults()])
     model, diffusion = sr_create_model_and_diffusion(**model_flags)
-    sample_util.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
+    sampling_cli.prepare_model(model, args.model_path, flag="model_path", flags=model_flags, use_fp16=args.use_fp16)
 
     def conditioning(index, size, seed):
         first = index * args.batch_size
         rows = np.arange(first, first + size) % len(base_images)
-        model_kwargs = {"low_res": sample_util.from_uint8_images(base_images[rows])}
+        model_kwargs = {"low_res": from_uint8_images(base_images[rows])}
         labels = None
         if args.class_cond:
             labels = base_labels[rows]
             model_kwargs["y"] = torch.from_numpy(labels)
         return model_kwargs, labels
 
-    path = sample_util.generate_and_save(
+    path = sampling_cli.generate_and_save(
         args,
         diffusion=diffusion,
         model_fn=perf.inference_model(model, args, dist_util.dev()),

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion import checkpoints, dist_util, script_util, sample_util
+from guided_diffusion.errors import UsageError
 from guided_diffusion.image_datasets import load_data
 
 torch.set_num_threads(1)
@@ -117,7 +118,7 @@ def test_same_seed_same_bpd(setup, nll, tmp_path):
     ],
 )
 def test_bad_flags_are_explained(setup, nll, tmp_path, extra, message):
-    with pytest.raises(sample_util.UsageError, match=message):
+    with pytest.raises(UsageError, match=message):
         nll.main(_argv(setup, tmp_path, *extra))
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion import checkpoints, script_util
-from guided_diffusion.sample_util import UsageError
+from guided_diffusion.errors import UsageError
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,203 @@
+"""Command-line plumbing of the sampling scripts: flags, checks, models, sample-and-save.
+
+The scripts ``image_sample.py``, ``classifier_sample.py``, ``super_res_sample.py``
+and ``image_nll.py`` differ only in how they build a model and one batch; this
+module holds the command-line side they share:
+
+* flags beyond the original's (``--seed``, ``--log_dir``, ``--save_png``, ...)
+  and the checks that turn a bad value into a message naming the flag;
+* loading a checkpoint into a model ready for inference;
+* picking the sampling loop the flags ask for, and :func:`generate_and_save`,
+  which samples ``--num_samples`` images over all ranks (``sample_util``) and
+  writes them on rank 0 (``outputs``).
+
+Errors caused by what the user typed are raised as :class:`UsageError`; the
+scripts print them as one ``error:`` line (see `errors.run_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoints, dist_util, logger, perf
+from .errors import UsageError
+from .outputs import save_samples, to_uint8_images
+from .respace import space_timesteps
+from .sample_util import derived_seed, resolve_seed, sample_in_batches
+from .script_util import NUM_CLASSES, str2bool
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = True) -> None:
+    """Add the flags every sampling script has beyond the original's ones."""
+    parser.add_argument(
+        "--seed", type=int, default=None,
+        help="base random seed; the same command with the same seed gives the same images "
+        "(default: a fresh seed, written to the log)",
+    )
+    parser.add_argument(
+        "--log_dir", type=str, default="",
+        help="folder for the outputs (default: $OPENAI_LOGDIR, else a new temporary folder)",
+    )
+    parser.add_argument("--save_png", action="store_true", help="also write one PNG per image")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar over diffusion steps")
+    parser.add_argument(
+        "--use_plms", type=str2bool, nargs="?", const=True, default=False,
+        help="sample with PLMS, pseudo linear multistep (Liu et al. 2022): few respaced steps "
+        "(--timestep_respacing 50), no noise after the start; not with --use_ddim (default: False)",
+    )
+    perf.add_perf_flags(parser)
+    if class_choice:
+        parser.add_argument(
+            "--class_label", type=int, default=-1,
+            help="draw every sample of this class (default -1: random labels in [0, num_classes))",
+        )
+    if class_choice and not _has_flag(parser, "num_classes"):
+        parser.add_argument(
+            "--num_classes", type=int, default=NUM_CLASSES,
+            help="number of classes labels are drawn from",
+        )
+
+
+def _has_flag(parser: argparse.ArgumentParser, dest: str) -> bool:
+    """Whether ``parser`` already has a flag storing to ``dest``."""
+    return any(action.dest == dest for action in parser._actions)
+
+
+def check_positive(flag: str, value: int, example: int) -> None:
+    """Raise :class:`UsageError` unless ``value`` is a positive integer."""
+    if value is None or value <= 0:
+        raise UsageError(f"--{flag} must be a positive number, got {value}; pass e.g. --{flag} {example}")
+
+
+def check_class_label(class_label: int, num_classes: int) -> None:
+    """``class_label`` is -1 (random labels) or a class id below ``num_classes``."""
+    check_positive("num_classes", num_classes, 1000)
+    if class_label < -1 or class_label >= num_classes:
+        raise UsageError(
+            f"--class_label {class_label} is not a class of this model: use 0..{num_classes - 1}, "
+            f"or -1 for random labels (change --num_classes if the model has more classes)"
+        )
+
+
+def check_respacing(diffusion_steps: int, timestep_respacing: str) -> None:
+    """Fail early, naming the flags, when ``--timestep_respacing`` cannot be met."""
+    if not timestep_respacing:
+        return
+    try:
+        space_timesteps(diffusion_steps, timestep_respacing)
+    except (ValueError, AssertionError) as err:
+        raise UsageError(
+            f"--timestep_respacing {timestep_respacing!r} cannot be met with --diffusion_steps "
+            f"{diffusion_steps} ({err}); use fewer steps, e.g. --timestep_respacing 250 or ddim25, "
+            f"or leave it empty for all {diffusion_steps} steps"
+        ) from None
+
+
+# -------------------------------------------------------------------------- models
+
+
+def load_weights(model: torch.nn.Module, path: str, *, flag: str, flags: Optional[dict] = None) -> None:
+    """Load the checkpoint at ``path`` (given by ``--flag``) into ``model``, strictly.
+
+    Rank 0 reads the file and broadcasts it (``dist_util.load_state_dict``); a
+    checkpoint that does not fit the model raises ``checkpoints.CheckpointError``
+    with the mismatched keys and the flags the checkpoint implies.
+    """
+    if not path:
+        raise UsageError(f"--{flag} is empty: pass the checkpoint to load, e.g. --{flag} models/64x64_diffusion.pt")
+    if "://" not in path and not os.path.isfile(path):
+        raise UsageError(f"--{flag} {path!r}: no such file; check the path (download the checkpoint first)")
+    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    checkpoints.load_model_weights(model, state_dict, flags=flags, source=path)
+
+
+def prepare_model(model: torch.nn.Module, path: str, *, flag: str, flags: dict, use_fp16: bool) -> torch.nn.Module:
+    """Load weights, move to this rank's device, optionally cast to float16, set eval mode."""
+    load_weights(model, path, flag=flag, flags=flags)
+    model.to(dist_util.dev())
+    if use_fp16:
+        model.convert_to_fp16()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------ sampling
+
+
+def pick_sample_loop(diffusion, args: argparse.Namespace) -> Callable:
+    """The sampling loop the flags ask for: DDPM, ``--use_ddim`` or ``--use_plms``."""
+    use_plms = getattr(args, "use_plms", False)
+    if args.use_ddim and use_plms:
+        raise UsageError("--use_ddim and --use_plms pick two different samplers; pass only one of them.")
+    if use_plms:
+        return diffusion.plms_sample_loop
+    return diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+
+
+def generate_and_save(
+    args: argparse.Namespace,
+    *,
+    diffusion,
+    model_fn: Callable,
+    image_shape: tuple[int, int, int],
+    conditioning: Callable[[int, int, int], tuple],
+    with_labels: bool,
+    cond_fn: Optional[Callable] = None,
+) -> Optional[str]:
+    """Sample ``args.num_samples`` images in batches on all ranks and save them on rank 0.
+
+    ``image_shape`` is (C, H, W). ``conditioning(k, n, seed)`` returns
+    ``(model_kwargs, labels)`` for global batch ``k`` of ``n`` images (labels:
+    int64 numpy or None). The noise of batch ``k`` comes from
+    ``derived_seed(seed, k)``, so the images depend only on ``--seed`` and
+    ``--batch_size``, not on the number of processes. Returns the npz path on
+    rank 0 (also printed, as the last line), None elsewhere.
+    """
+    check_positive("num_samples", args.num_samples, 16)
+    check_positive("batch_size", args.batch_size, 16)
+    rank, world = dist_util.rank_and_world()
+    seed = resolve_seed(args.seed)
+    logger.log(f"sampling {args.num_samples} images with seed {seed} on {world} process(es)")
+    sample_loop = pick_sample_loop(diffusion, args)
+    channels, height, width = image_shape
+
+    def make_batch(index: int, size: int):
+        model_kwargs, labels = conditioning(index, size, seed)
+        model_kwargs = {key: value.to(dist_util.dev()) for key, value in model_kwargs.items()}
+        torch.manual_seed(derived_seed(seed, index))
+        sample = sample_loop(
+            model_fn,
+            (size, channels, height, width),
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            device=dist_util.dev(),
+            progress=args.progress and rank == 0,
+        )
+        return to_uint8_images(sample), labels
+
+    images, labels = sample_in_batches(
+        make_batch,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(height, width, channels),
+        with_labels=with_labels,
+        desc="sampling",
+    )
+    path = None
+    if rank == 0:
+        path = save_samples(images, labels, logger.get_dir(), save_png=args.save_png)
+        logger.log(f"saved {len(images)} samples to {path}")
+    if world > 1:
+        dist.barrier()
+    logger.log("sampling complete")
+    if path is not None:
+        print(path, flush=True)  # the last line of output: the npz's absolute path
+    return path
