@@ -189,7 +189,10 @@ class GaussianDiffusion(Samplers):
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
         # logSNR, alpha, sigma and their continuous-time maps (solvers, modern losses).
+        # ``model_schedule`` is the chain whose timesteps the model sees: this one here,
+        # the base chain for a SpacedDiffusion.
         self.schedule = ScheduleView(self.alphas_cumprod)
+        self.model_schedule = self.schedule
 
         # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder.
         large_variance = np.append(first, betas[1:])

@@ -53,6 +53,7 @@ class Parameterisation:
     """
 
     mean_type = None  # the name of the ModelMeanType member this implements
+    continuous = True  # defined at any noise level, not only at the chain's steps (see from_scales)
 
     def to_x0(self, diffusion, output, x_t, t):
         """The x_0 the output implies (before any clipping)."""
@@ -74,6 +75,11 @@ class Parameterisation:
         """What the output is regressed onto by the MSE loss, given x_0, x_t and the noise drawn."""
         raise NotImplementedError
 
+    def from_scales(self, output, x_t, alpha, sigma):
+        """(x_0, eps) from the output at any noise level of x_t = alpha x_0 + sigma eps
+        (alpha, sigma broadcastable to x_t): the continuous-time form the solvers use."""
+        raise NotImplementedError
+
 
 class Epsilon(Parameterisation):
     """The output is the noise eps (Ho et al. 2020, eq. 11-14)."""
@@ -89,6 +95,9 @@ class Epsilon(Parameterisation):
     def target(self, diffusion, x_start, x_t, t, noise):
         return noise
 
+    def from_scales(self, output, x_t, alpha, sigma):
+        return (x_t - sigma * output) / alpha, output
+
 
 class StartX(Parameterisation):
     """The output is the clean image x_0 (Ho et al. 2020, section 3.2)."""
@@ -101,6 +110,9 @@ class StartX(Parameterisation):
     def target(self, diffusion, x_start, x_t, t, noise):
         return x_start
 
+    def from_scales(self, output, x_t, alpha, sigma):
+        return output, (x_t - alpha * output) / sigma
+
 
 class PreviousX(Parameterisation):
     """The output is the posterior mean x_{t-1} itself (Ho et al. 2020, eq. 7 and 8).
@@ -109,6 +121,7 @@ class PreviousX(Parameterisation):
     """
 
     mean_type = "PREVIOUS_X"
+    continuous = False  # x_{t-1} is tied to the chain's step size
 
     def to_x0(self, diffusion, output, x_t, t):
         return x0_from_xprev(diffusion, x_t, t, output)
@@ -118,6 +131,12 @@ class PreviousX(Parameterisation):
 
     def target(self, diffusion, x_start, x_t, t, noise):
         return posterior_mean(diffusion, x_start, x_t, t)
+
+    def from_scales(self, output, x_t, alpha, sigma):
+        raise NotImplementedError(
+            "a model that predicts x_{t-1} (PREVIOUS_X) has no prediction between the chain's steps; "
+            "sample it with the original's loops (p_sample_loop, ddim_sample_loop)."
+        )
 
 
 PARAMETERISATIONS = {cls.mean_type: cls() for cls in (PreviousX, StartX, Epsilon)}

@@ -116,6 +116,7 @@ class SpacedDiffusion(GaussianDiffusion):
         previous = np.append(1.0, kept_alphas_cumprod[:-1])
         kwargs["betas"] = 1 - kept_alphas_cumprod / previous
         super().__init__(**kwargs)
+        self.model_schedule = base.schedule
         self._map_tensors = {}
 
     def _timestep_map_on(self, device):
