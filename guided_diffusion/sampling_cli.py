@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, dist_util, logger, perf
+from . import checkpoints, dist_util, logger, perf, solvers
 from .errors import UsageError
 from .outputs import save_samples, to_uint8_images
 from .respace import space_timesteps
@@ -53,6 +53,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
         help="sample with PLMS, pseudo linear multistep (Liu et al. 2022): few respaced steps "
         "(--timestep_respacing 50), no noise after the start; not with --use_ddim (default: False)",
     )
+    add_solver_flags(parser)
     perf.add_perf_flags(parser)
     if class_choice:
         parser.add_argument(
@@ -64,6 +65,44 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
             "--num_classes", type=int, default=NUM_CLASSES,
             help="number of classes labels are drawn from",
         )
+
+
+def add_solver_flags(parser: argparse.ArgumentParser) -> None:
+    """``--sampler NAME --steps N [--spacing S]`` and the solvers' options (guided_diffusion.solvers)."""
+    group = parser.add_argument_group("few-step solvers (instead of the original's DDPM / DDIM / PLMS loops)")
+    group.add_argument(
+        "--sampler", default="", choices=["", *solvers.SOLVERS],
+        help="sample with this solver of guided_diffusion.solvers in --steps steps (default: the "
+        "original's loops, chosen by --use_ddim / --use_plms)",
+    )
+    group.add_argument("--steps", type=int, default=20, help="solver steps with --sampler (default: 20)")
+    group.add_argument(
+        "--spacing", default="", choices=["", *solvers.SPACINGS],
+        help="where the solver's steps lie (default: the solver's own, solvers.DEFAULT_SPACING)",
+    )
+    for name, text in _SOLVER_OPTIONS.items():
+        group.add_argument(f"--{name}", type=float, default=None, help=text)
+    group.add_argument("--solver_order", type=int, default=None,
+                       help="order of unipc (1-3, default 2) or ipndm (1-4, default 4)")
+
+
+_SOLVER_OPTIONS = {
+    "eta": "noise scale of ddim (default 0), euler_a and dpmpp_2m_sde (default 1)",
+    "s_churn": "heun: EDM's stochastic churn S_churn (default 0: deterministic)",
+    "s_tmin": "heun: churn only at noise levels sigma >= s_tmin (default 0)",
+    "s_tmax": "heun: churn only at noise levels sigma <= s_tmax (default inf)",
+    "s_noise": "heun, dpmpp_2m_sde: scale of the fresh noise (default 1)",
+    "dynamic_threshold": "percentile p in (0, 1) for Imagen's dynamic thresholding of x_0 (e.g. 0.995), "
+                         "for large guidance scales",
+}
+
+
+def solver_options(args: argparse.Namespace) -> dict:
+    """The solver options given on the command line (those left at None are the solver's defaults)."""
+    options = {name: getattr(args, name) for name in _SOLVER_OPTIONS if getattr(args, name, None) is not None}
+    if getattr(args, "solver_order", None) is not None:
+        options["order"] = args.solver_order
+    return options
 
 
 def _has_flag(parser: argparse.ArgumentParser, dest: str) -> bool:
@@ -132,13 +171,37 @@ def prepare_model(model: torch.nn.Module, path: str, *, flag: str, flags: dict, 
 
 
 def pick_sample_loop(diffusion, args: argparse.Namespace) -> Callable:
-    """The sampling loop the flags ask for: DDPM, ``--use_ddim`` or ``--use_plms``."""
+    """The sampling loop the flags ask for: DDPM, ``--use_ddim``, ``--use_plms`` or ``--sampler``."""
     use_plms = getattr(args, "use_plms", False)
+    sampler = getattr(args, "sampler", "")
     if args.use_ddim and use_plms:
         raise UsageError("--use_ddim and --use_plms pick two different samplers; pass only one of them.")
+    if sampler:
+        if args.use_ddim or use_plms:
+            raise UsageError(
+                f"--sampler {sampler} replaces the original's loops; drop --use_ddim / --use_plms "
+                "(or drop --sampler to use them)."
+            )
+        check_positive("steps", args.steps, 20)
+        return _solver_loop(diffusion, args)
     if use_plms:
         return diffusion.plms_sample_loop
     return diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+
+
+def _solver_loop(diffusion, args: argparse.Namespace) -> Callable:
+    """``solvers.sample`` for ``--sampler``, called like the original's loops."""
+    options = solver_options(args)
+    spacing = args.spacing or None
+    solvers.timesteps(diffusion, args.steps, spacing or solvers.DEFAULT_SPACING[args.sampler])  # check early
+
+    def loop(model, shape, *, clip_denoised, model_kwargs, cond_fn, device, progress):
+        return solvers.sample(
+            diffusion, model, shape, args.sampler, args.steps, spacing=spacing, model_kwargs=model_kwargs,
+            cond_fn=cond_fn, clip_denoised=clip_denoised, progress=progress, device=device, **options,
+        )
+
+    return loop
 
 
 def generate_and_save(

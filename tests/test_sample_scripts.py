@@ -263,6 +263,59 @@ def test_super_res_rejects_base_samples_of_the_wrong_size(ckpt, scripts, tmp_pat
         )
 
 
+# ------------------------------------------------------------------ --sampler (guided_diffusion.solvers)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "euler_a"])
+def test_image_sample_with_a_solver_is_reproducible_and_differs_from_ddpm(ckpt, scripts, tmp_path, sampler):
+    run = scripts["image_sample"].main
+    common = ["--model_path", ckpt["cond"], "--num_samples", "3", "--batch_size", "2", "--seed", "3"]
+    solved = [*common, "--sampler", sampler, "--steps", "4"]
+    first = _load(run([*solved, "--log_dir", str(tmp_path / "a")]))
+    again = _load(run([*solved, "--log_dir", str(tmp_path / "b")]))
+    ddpm = _load(run([*common, *STEPS, "--log_dir", str(tmp_path / "c")]))
+    assert first["arr_0"].shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(first["arr_0"], again["arr_0"])
+    np.testing.assert_array_equal(first["arr_1"], ddpm["arr_1"])
+    assert not np.array_equal(first["arr_0"], ddpm["arr_0"])
+
+
+def test_classifier_sample_with_a_solver_at_scale_zero_equals_unguided(ckpt, scripts, tmp_path):
+    solver = ["--sampler", "unipc", "--steps", "5", "--spacing", "logsnr"]
+    argv = _classifier_argv(ckpt, tmp_path / "g", "--classifier_scale", "0", *solver)
+    argv[argv.index(STEPS[0]) : argv.index(STEPS[0]) + 2] = []
+    guided = _load(scripts["classifier_sample"].main(argv))
+    plain = _load(scripts["image_sample"].main(
+        ["--model_path", ckpt["cond"], "--num_samples", "4", "--batch_size", "2", *solver, "--seed", "5",
+         "--log_dir", str(tmp_path / "p")]))
+    np.testing.assert_array_equal(guided["arr_0"], plain["arr_0"])
+    strong = _load(scripts["classifier_sample"].main(
+        [*argv[:-2], "--classifier_scale", "50", "--log_dir", str(tmp_path / "s")]))
+    assert not np.array_equal(strong["arr_0"], plain["arr_0"])
+
+
+def test_super_res_sample_with_a_solver(ckpt, scripts, tmp_path):
+    base_path = tmp_path / "base.npz"
+    np.savez(base_path, np.random.RandomState(1).randint(0, 256, size=(2, 8, 8, 3)).astype(np.uint8))
+    path = scripts["super_res_sample"].main(
+        ["--model_path", ckpt["sr"], "--base_samples", str(base_path), "--num_samples", "2", "--batch_size", "2",
+         "--sampler", "dpmpp_3m", "--steps", "4", "--seed", "0", "--log_dir", str(tmp_path / "out")]
+    )
+    assert _load(path)["arr_0"].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sampler", "ddim", "--use_ddim", "True"], "--sampler ddim replaces the original's loops"),
+    (["--sampler", "ddim", "--steps", "0"], "--steps must be a positive number, got 0"),
+    (["--sampler", "ddim", "--steps", "101"], "steps must be an integer from 1 to 100"),
+])
+def test_solver_flags_that_cannot_work_are_refused(ckpt, scripts, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        scripts["image_sample"].main(
+            ["--model_path", ckpt["uncond"], "--num_samples", "1", *extra, "--log_dir", str(tmp_path)]
+        )
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -313,9 +366,9 @@ def test_cli_prints_usage_errors_as_one_line_and_exits_2(ckpt, tmp_path):
 # ------------------------------------------------------------------ several processes
 
 
-def _two_process_run(launcher, ckpt, out):
+def _two_process_run(launcher, ckpt, out, steps=STEPS):
     script = os.path.join(SCRIPTS, "image_sample.py")
-    argv = ["--model_path", ckpt["cond"], "--num_samples", "5", "--batch_size", "2", *STEPS, "--seed", "11",
+    argv = ["--model_path", ckpt["cond"], "--num_samples", "5", "--batch_size", "2", *steps, "--seed", "11",
             "--log_dir", str(out)]
     if launcher == "mpiexec":
         command = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, script, *argv]
@@ -340,6 +393,19 @@ def test_two_processes_give_the_same_complete_set_as_one(ckpt, scripts, tmp_path
     assert str(tmp_path / "two" / files[0]) in result.stdout
     two = _load(tmp_path / "two" / files[0])
     np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
+    np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+
+
+@pytest.mark.slow
+def test_a_solver_under_mpiexec_gives_the_same_set_as_one_process(ckpt, scripts, tmp_path):
+    if not os.path.exists(os.path.join(BIN, "mpiexec")):
+        pytest.skip("mpiexec is not installed beside this python")
+    solver = ["--sampler", "dpmpp_2m_sde", "--steps", "4"]
+    one = _load(scripts["image_sample"].main(
+        ["--model_path", ckpt["cond"], "--num_samples", "5", "--batch_size", "2", *solver, "--seed", "11",
+         "--log_dir", str(tmp_path / "one")]))
+    _two_process_run("mpiexec", ckpt, tmp_path / "two", steps=solver)
+    two = _load(tmp_path / "two" / "samples_5x8x8x3.npz")
     np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
 
 
