@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from guided_diffusion import digits_check, sample_util  # noqa: E402
+from guided_diffusion import atomic, digits_check, sample_util  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -238,7 +238,7 @@ def run(out_dir, quick=False, seed=0, max_steps=None, threads=1):
     sample_dir = os.path.join(out_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
     npz_path = os.path.join(sample_dir, sample_util.samples_file_name(images))
-    sample_util.atomic_savez(npz_path, arr_0=images, arr_1=labels)
+    atomic.atomic_savez(npz_path, arr_0=images, arr_1=labels)
     grid_path = save_class_grid(images, per_class, os.path.join(sample_dir, "digits_grid.png"))
 
     print("[4/4] checking the samples with a classifier trained on the real digits", flush=True)

@@ -25,7 +25,7 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from guided_diffusion import dist_util, errors, logger, perf, sample_util  # noqa: E402
+from guided_diffusion import atomic, dist_util, errors, logger, perf, sample_util  # noqa: E402
 from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
@@ -140,7 +140,7 @@ def run_bpd_evaluation(model, diffusion, data, args) -> float:
         for i, term in enumerate(TERMS):
             means = totals[2 + i * steps : 2 + (i + 1) * steps] / totals[0]
             path = os.path.join(logger.get_dir(), f"{term}_terms.npz")
-            sample_util.atomic_savez(path, arr_0=means.astype(np.float32))
+            atomic.atomic_savez(path, arr_0=means.astype(np.float32))
             logger.log(f"saved {term} terms to {os.path.abspath(path)}")
     return float(totals[1] / totals[0])
 
