@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import perf
-from .dist_util import _comm_device
+from .dist_util import comm_device as _comm_device
 from .errors import UsageError
 from .script_util import str2bool
 

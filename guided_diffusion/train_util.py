@@ -526,7 +526,7 @@ class TrainLoop:
     def _loss_to_check(self, loss):
         value = loss.detach().float()
         if self.use_ddp:  # every rank must stop together
-            shared = value.to(dist_util._comm_device(), copy=True)
+            shared = value.to(dist_util.comm_device(), copy=True)
             dist.all_reduce(shared)
             value = shared.to(value.device)
         return value
