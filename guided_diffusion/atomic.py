@@ -1,33 +1,30 @@
-"""Writing files atomically: a crash leaves the old file or the new one, never a partial one."""
+"""Atomic file writes: a crash leaves the old file or the new one under the final name, never a
+partial file.
+
+Every writer here goes through `atomic_write`: the bytes go to a temporary file in
+the destination's folder (so the final rename never crosses file systems), which is
+flushed and fsynced, renamed over the destination with ``os.replace`` and the folder
+fsynced, so the rename itself survives a power loss. On any failure the temporary
+file is removed and the destination is untouched. Remote paths (``scheme://...``)
+are written with ``blobfile``: object stores publish an object only when it is
+closed, which gives the same guarantee.
+"""
 
 import os
 import tempfile
 
 import numpy as np
+import torch
 
 
-def atomic_savez(path: str, **arrays: np.ndarray) -> None:
-    """``np.savez`` to a temporary file beside ``path``, then rename: never a partial npz."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
+def _is_remote(path):
+    return "://" in path
 
 
-def _fsync_dir(folder: str) -> None:
-    """Make the rename itself durable (where the platform allows syncing a folder)."""
+def _fsync_folder(folder):
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
+    except OSError:  # some platforms cannot open folders; the rename is atomic all the same
         return
     try:
         os.fsync(fd)
@@ -35,3 +32,53 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a binary file that replaces ``path`` only once ``write`` returned."""
+    path = os.fspath(path)
+    if _is_remote(path):
+        import blobfile
+
+        with blobfile.BlobFile(path, "wb") as f:
+            write(f)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_save(obj, path):
+    """``torch.save(obj, path)``, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path``, atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_savez(path, **arrays):
+    """``np.savez(path, **arrays)``, atomically; arrays of Python objects are refused.
+
+    Object arrays would be pickled, and a pickle runs code when it is loaded, so
+    the file could not be read with ``np.load(allow_pickle=False)``.
+    """
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    pickled = sorted(name for name, value in arrays.items() if value.dtype.hasobject)
+    if pickled:
+        raise TypeError(
+            f"cannot save {', '.join(pickled)} to {os.fspath(path)}: arrays of Python objects would be "
+            "pickled. Convert them to numeric or string arrays first."
+        )
+    atomic_write(path, lambda f: np.savez(f, **arrays))

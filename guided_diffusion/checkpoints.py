@@ -3,8 +3,9 @@
 - Reading never runs code: ``.pt``/``.pth`` files are read with
   ``torch.load(weights_only=True)`` and ``.safetensors`` files with the
   ``safetensors`` package.
-- Writing is atomic: a crash leaves the old file or the new one under the final
-  name, never a partial file.
+- Writing is atomic (``atomic_save``, ``atomic_write_text``, from `atomic`): a
+  crash leaves the old file or the new one under the final name, never a partial
+  file.
 - The flags a checkpoint was built with are saved beside it as JSON, so that
   loading it needs no flags (``save_config`` / ``find_config``).
 - When weights do not fit a model, ``load_model_weights`` says which keys are
@@ -17,9 +18,11 @@ import json
 import os
 import pickle
 import re
-import tempfile
 
 import torch
+
+# atomic_save and atomic_write_text are part of this module's documented interface.
+from .atomic import atomic_save, atomic_write_text  # noqa: F401
 
 
 class CheckpointError(RuntimeError):
@@ -129,56 +132,6 @@ def load_checkpoint_file(path, map_location="cpu", *, flag=None):
             f"or .safetensors file{' with ' + flag if flag else ''}."
         )
     return load_checkpoint_bytes(_read_bytes(path), path, map_location)
-
-
-# ---------------------------------------------------------------- atomic writing
-
-
-def _fsync_folder(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
-    path = os.fspath(path)
-    if _is_remote(path):
-        import blobfile
-
-        with blobfile.BlobFile(path, "wb") as f:  # object stores publish on close
-            write(f)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def atomic_save(obj, path):
-    """``torch.save(obj, path)`` that leaves either the old file or the new one, never a partial one."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------- saved configs

@@ -23,6 +23,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from . import checkpoints
 from .errors import usage
 
 # Environment variables set by MPI launchers: (rank, size) pairs.
@@ -33,6 +34,9 @@ _MPI_ENV = (
     ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),  # MVAPICH
 )
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# (rank, size) variables of every launcher, torchrun's first: under an MPI allocation
+# that runs torchrun, RANK is the process's rank in the torch job.
+_LAUNCHER_RANK_ENV = (("RANK", "WORLD_SIZE"),) + _MPI_ENV
 _BROADCAST_CHUNK = 1 << 28  # bytes per broadcast when sharing a checkpoint
 
 
@@ -157,14 +161,37 @@ def _destroy_at_exit():
             pass
 
 
+def _group_exists():
+    return dist.is_available() and dist.is_initialized()
+
+
 def get_rank():
     """This process's rank (0 when no process group exists)."""
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _group_exists() else 0
 
 
 def get_world_size():
     """Number of processes in the job (1 when no process group exists)."""
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if _group_exists() else 1
+
+
+def rank_and_world():
+    """``(rank, world size)`` of the process group, else of the launcher, else ``(0, 1)``.
+
+    Before `setup_dist` (or without it) the launcher's environment tells: torchrun's
+    ``RANK``/``WORLD_SIZE``, mpich and Intel MPI's ``PMI_RANK``/``PMI_SIZE``, Open
+    MPI's ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` (and PMIx's, MVAPICH's).
+    A launcher that gives a rank without a size counts as ``rank + 1`` processes.
+    Never imports mpi4py. For collectives use `get_rank` / `get_world_size`, which
+    describe the process group only.
+    """
+    if _group_exists():
+        return dist.get_rank(), dist.get_world_size()
+    for rank_var, size_var in _LAUNCHER_RANK_ENV:
+        if rank_var in os.environ:
+            rank = int(os.environ[rank_var])
+            return rank, int(os.environ.get(size_var, rank + 1))
+    return 0, 1
 
 
 def is_main_process():
@@ -185,9 +212,9 @@ def dev():
     return torch.device("cpu")
 
 
-def _comm_device():
-    """Where tensors must live for collectives of the current backend."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def comm_device():
+    """Where tensors must live for collectives of the current backend: the GPU with NCCL, else the CPU."""
+    if _group_exists() and dist.get_backend() == "nccl":
         return dev()
     return torch.device("cpu")
 
@@ -207,7 +234,7 @@ def _broadcast_bytes(data):
 
     A negative length announces that rank 0 failed to read; every rank then raises.
     """
-    device = _comm_device()
+    device = comm_device()
     length = torch.tensor([len(data) if data is not None else -1], dtype=torch.int64, device=device)
     dist.broadcast(length, 0)
     n = int(length.item())
@@ -230,8 +257,6 @@ def load_state_dict(path, **kwargs):
     broadcast and each rank deserialises them. All ranks must call this.
     ``kwargs`` (e.g. ``map_location``) go to ``checkpoints.load_checkpoint_bytes``.
     """
-    from . import checkpoints
-
     path = os.fspath(path)
     if get_world_size() == 1:
         return checkpoints.load_checkpoint_file(path, **kwargs)
@@ -259,7 +284,7 @@ def sync_params(params):
     """Overwrite ``params`` (tensors) on every rank with rank 0's values."""
     if get_world_size() == 1:
         return
-    device = _comm_device()
+    device = comm_device()
     with torch.no_grad():
         for p in params:
             if p.device == device:
@@ -277,17 +302,3 @@ def all_gather_objects(obj):
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def rank_and_world():
-    """(rank, world size) of the process group, (0, 1) when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def comm_device():
-    """Where tensors must live for collectives of the current backend."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return dev()
-    return torch.device("cpu")

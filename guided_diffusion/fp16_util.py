@@ -9,7 +9,7 @@ and optimizer states keep the same layout.
 import torch
 import torch.nn as nn
 
-from . import logger, perf
+from . import fastpaths, logger
 
 _HALF_CONVERTIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -156,7 +156,7 @@ def _norms(params, grad_scale):
     """
     values = [p.detach() for p in params]
     grads = [p.grad.detach() for p in params if p.grad is not None]
-    norm = torch._foreach_norm if perf.enabled("foreach") else _norm_each
+    norm = torch._foreach_norm if fastpaths.enabled("foreach") else _norm_each
     param_norms = torch.stack(norm(values)).double() if values else torch.zeros(1)
     grad_norms = torch.stack(norm(grads)).double() if grads else torch.zeros(1, dtype=torch.float64)
     both = torch.stack([grad_norms.to(param_norms.device).square().sum(), param_norms.square().sum()]).sqrt()
@@ -202,7 +202,7 @@ class MixedPrecisionTrainer:
         optimizer sees exactly what in-place zeroing would have left (weight decay
         and moments still apply to it); the numbers are the same.
         """
-        if not perf.enabled("release_grads"):
+        if not fastpaths.enabled("release_grads"):
             zero_grad(self.model_params)
             return
         for p in self.model_params:

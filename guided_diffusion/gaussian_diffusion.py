@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch as th
 
-from . import likelihood, perf, prediction
+from . import fastpaths, likelihood, prediction
 from .errors import usage
 from .nn import mean_flat
 from .prediction import check_same_shape
@@ -226,7 +226,7 @@ class GaussianDiffusion(Samplers):
 
     def _tables_on(self, device):
         """Torch copies of the gatherable tables on ``device``, built once per device."""
-        tables = self._device_tables.get(device) if perf.enabled("cached_tables") else None
+        tables = self._device_tables.get(device) if fastpaths.enabled("cached_tables") else None
         if tables is None:
             # MPS has no float64; there the tables hold the float32 values the
             # original's cast would produce anyway.

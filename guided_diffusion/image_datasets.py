@@ -37,8 +37,11 @@ import random
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from . import dist_util
 from .errors import usage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
@@ -270,22 +273,6 @@ class ImageDataset:
 # ----------------------------------------------------------------------------- loading
 
 
-def _shard_of_this_process():
-    """``(rank, world_size)`` from torch.distributed, else from the launcher's environment."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    for rank_var, size_var in (
-        ("RANK", "WORLD_SIZE"),  # torchrun
-        ("PMI_RANK", "PMI_SIZE"),  # mpich, Intel MPI
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
-    ):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var])
-    return 0, 1
-
-
 def _check_arguments(data_dir, batch_size, image_size, num_workers):
     if not data_dir:
         raise usage(ValueError(
@@ -339,9 +326,6 @@ def load_data(
     Arguments are checked and the folder listed at call time, so mistakes
     surface before training starts.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     _check_arguments(data_dir, batch_size, image_size, num_workers)
     paths = _list_image_files_recursively(data_dir)
     if not paths:
@@ -350,7 +334,7 @@ def load_data(
             f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}); check --data_dir"
         ))
     classes = class_labels(paths) if class_cond else None
-    rank, world_size = _shard_of_this_process()
+    rank, world_size = dist_util.rank_and_world()
     dataset = ImageDataset(
         image_size,
         paths,

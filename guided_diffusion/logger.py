@@ -38,6 +38,8 @@ import time
 import warnings
 from collections import defaultdict
 
+from . import dist_util
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -253,24 +255,13 @@ def mpi_weighted_mean(comm, local_name2valcount):
     return weighted_mean(gathered) if comm.Get_rank() == 0 else {}
 
 
-def _initialized_torch_distributed():
-    """``torch.distributed`` when a process group is up, else None (never imports torch)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist
-    return None
-
-
 def _gather(comm, obj):
     """Return the list of ``obj`` from every rank, on every rank (None when alone)."""
     if comm is not None:
         return comm.allgather(obj) if comm.Get_size() > 1 else None
-    dist = _initialized_torch_distributed()
-    if dist is None or dist.get_world_size() == 1:
+    if dist_util.get_world_size() == 1:
         return None
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    return dist_util.all_gather_objects(obj)
 
 
 # ----------------------------------------------------------------------------- the logger
@@ -436,15 +427,9 @@ def profile(n):
 
 def get_rank_without_mpi_import():
     """This process's rank: torch.distributed's when initialised, else the launcher's
-    environment (mpich/Intel ``PMI_RANK``, Open MPI ``OMPI_COMM_WORLD_RANK``,
-    torchrun ``RANK``), else 0. Never imports mpi4py."""
-    dist = _initialized_torch_distributed()
-    if dist is not None:
-        return dist.get_rank()
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
+    environment (torchrun ``RANK``, mpich/Intel ``PMI_RANK``, Open MPI
+    ``OMPI_COMM_WORLD_RANK``), else 0 (`dist_util.rank_and_world`). Never imports mpi4py."""
+    return dist_util.rank_and_world()[0]
 
 
 def _fresh_log_dir():

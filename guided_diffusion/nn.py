@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import perf
+from . import fastpaths
 from .errors import usage
 
 NORM_GROUPS = 32  # GroupNorm groups used everywhere in ADM
@@ -36,7 +36,7 @@ class SiLU(nn.SiLU):
         if (
             producer is not None
             and not torch.is_grad_enabled()
-            and perf.enabled("inplace")
+            and fastpaths.enabled("inplace")
             and not producer._forward_hooks
             and not nn.modules.module._global_forward_hooks
         ):
@@ -200,7 +200,7 @@ def update_ema(target_params, source_params, rate=0.99):
     pairs = list(zip(target_params, source_params))  # zip's pairing, as in the original
     targets = [t.detach() for t, _ in pairs]
     sources = [s.detach() for _, s in pairs]
-    if perf.enabled("foreach") and targets:
+    if fastpaths.enabled("foreach") and targets:
         torch._foreach_mul_(targets, rate)
         torch._foreach_add_(targets, sources, alpha=1 - rate)
         return

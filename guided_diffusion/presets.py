@@ -20,7 +20,7 @@ those keep the values that build its architecture (-1, False, False: legacy
 attention head order, convolution up/downsampling).
 """
 
-from .script_util import model_and_diffusion_defaults
+from .flags import model_and_diffusion_defaults
 
 _GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 _IMPROVED_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"

@@ -11,6 +11,7 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
+from . import dist_util
 from .errors import usage
 
 
@@ -74,7 +75,7 @@ class LossAwareSampler(ScheduleSampler):
         :param local_ts: int tensor [B] of timesteps.
         :param local_losses: float tensor [B] of the corresponding losses.
         """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist_util.get_world_size() > 1:
             timesteps, losses = _gather_variable_length(local_ts, local_losses)
         else:
             timesteps, losses = local_ts.tolist(), local_losses.tolist()
@@ -87,7 +88,7 @@ class LossAwareSampler(ScheduleSampler):
 
 def _gather_variable_length(local_ts, local_losses):
     """All-gather two [B_rank] tensors whose length may differ per rank; returns flat lists."""
-    world = dist.get_world_size()
+    world = dist_util.get_world_size()
     device = local_ts.device
     size = th.tensor([len(local_ts)], dtype=th.int32, device=device)
     sizes = [th.zeros_like(size) for _ in range(world)]

@@ -6,7 +6,7 @@ and ``opt{step:06d}.pt`` (AdamW state). Beside them this port writes
 ``state{step:06d}.pt``, a small file with what an exact resume needs (the global
 step, the RNG states of every rank, the loss scale, the position in the data
 stream, the schedule sampler's history). It is written last, so it also marks
-the set as complete. Every file is written atomically (``checkpoints.atomic_save``).
+the set as complete. Every file is written atomically (``atomic.atomic_save``).
 
 Resuming from a set with a state file continues exactly where the run stopped:
 on CPU in float32, N steps straight and N/2 steps + kill + resume give
@@ -32,11 +32,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from . import dist_util, logger, perf
+from . import checkpoints, dist_util, fastpaths, logger, perf
+from .atomic import atomic_save
 from .errors import usage
 from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
+from .image_datasets import load_data
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .script_util import add_preset_argument, parse_args_with_presets
 
 STATE_FORMAT = 1
 # Test hook: "SECONDS" or "SECONDS@STEP": sleep right after the model file of a
@@ -179,6 +182,45 @@ def state_path_for(model_path):
     return os.path.join(os.path.dirname(model_path), f"state{digits}.pt")
 
 
+def write_checkpoint_set(folder, name, *, model, emas, opt, state):
+    """Write the set ``name`` (its step) into ``folder``: model, EMAs, optimizer, then the state file.
+
+    ``model``, ``opt`` and ``state`` are state dicts; ``emas`` gives ``(rate,
+    state_dict)`` pairs, each made just before it is written. The state file comes
+    last, so a set with one is complete. Returns the model file's path.
+    """
+    logger.log(f"saving model {name:06d}...")
+    path = os.path.join(folder, f"model{name:06d}.pt")
+    atomic_save(model, path)
+    _test_pause(name)
+    for rate, ema in emas:
+        logger.log(f"saving model {rate}...")
+        atomic_save(ema, os.path.join(folder, f"ema_{rate}_{name:06d}.pt"))
+    atomic_save(opt, os.path.join(folder, f"opt{name:06d}.pt"))
+    atomic_save(state, os.path.join(folder, f"state{name:06d}.pt"))
+    return path
+
+
+def read_state_file(model_path):
+    """The state file of the set of ``model_path`` (a dict), or None when the set has none."""
+    path = state_path_for(model_path)
+    if path is None or not os.path.exists(path):
+        return None
+    state = dist_util.load_state_dict(path, map_location="cpu")
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: unknown state file format {state.get('format')!r}; expected {STATE_FORMAT}")
+    return state
+
+
+def _test_pause(name_step):
+    value = os.environ.get(SAVE_PAUSE_ENV, "")
+    if not value:
+        return
+    seconds, _, step = value.partition("@")
+    if not step or int(step) == name_step:
+        time.sleep(float(seconds))
+
+
 # ---------------------------------------------------------------------------
 # Random number generators
 
@@ -245,6 +287,15 @@ class IsolatedRNGIterator:
         finally:
             self._state = capture_rng_state()
             restore_rng_state(outer)
+
+
+def skip_batches(data, count):
+    """Advance the batch iterator ``data`` by ``count`` batches (with its own ``skip`` if it has one)."""
+    if hasattr(data, "skip"):
+        data.skip(count)
+        return
+    for _ in range(count):
+        next(data)
 
 
 def _sampler_state(sampler):
@@ -389,7 +440,7 @@ class TrainLoop:
             self.resume_step = self._loaded_name_step
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
             state_dict = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
-            _load_weights(self.model, state_dict, self.resume_checkpoint)
+            checkpoints.load_model_weights(self.model, state_dict, source=self.resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
 
     def _load_ema_parameters(self, rate):
@@ -413,13 +464,10 @@ class TrainLoop:
         self.opt.load_state_dict(dist_util.load_state_dict(path, map_location=dist_util.dev()))
 
     def _load_resume_state(self):
-        path = state_path_for(self.resume_checkpoint)
-        if path is None or not os.path.exists(path):
+        state = read_state_file(self.resume_checkpoint)
+        if state is None:
             logger.log("no state file beside the checkpoint: resuming like the original (RNG not restored)")
             return
-        state = dist_util.load_state_dict(path, map_location="cpu")
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path}: unknown state file format {state.get('format')!r}; expected {STATE_FORMAT}")
         self.resume_step = int(state["next_step"])
         self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
         self.mp_trainer.consecutive_overflows = int(state.get("consecutive_overflows", 0))
@@ -428,17 +476,13 @@ class TrainLoop:
         if self.restore_data_position:
             self._pending_skip = int(state["batches_consumed"])
         self._resume_state = state
-        logger.log(f"exact resume from {path}: next iteration {self.resume_step}")
+        logger.log(f"exact resume from {state_path_for(self.resume_checkpoint)}: next iteration {self.resume_step}")
 
     def _restore_position(self):
         """Fast-forward the data and restore RNG states (done once, when the loop starts)."""
         if self._pending_skip:
             logger.log(f"skipping {self._pending_skip} batches to continue the data stream where it stopped")
-            if hasattr(self.data, "skip"):
-                self.data.skip(self._pending_skip)
-            else:
-                for _ in range(self._pending_skip):
-                    next(self.data)
+            skip_batches(self.data, self._pending_skip)
             self.batches_consumed = self._pending_skip
             self._pending_skip = 0
         if self._resume_state is not None:
@@ -526,7 +570,7 @@ class TrainLoop:
     def _loss_to_check(self, loss):
         value = loss.detach().float()
         if self.use_ddp:  # every rank must stop together
-            shared = value.to(dist_util._comm_device(), copy=True)
+            shared = value.to(dist_util.comm_device(), copy=True)
             dist.all_reduce(shared)
             value = shared.to(value.device)
         return value
@@ -567,24 +611,14 @@ class TrainLoop:
         self._write_set(name, next_step=self._global_step())
 
     def _write_set(self, name, next_step):
-        from . import checkpoints
-
-        state = self._state_dict(next_step)
+        state = self._state_dict(next_step)  # every rank takes part: it gathers their RNG states
         if dist_util.is_main_process():
-            folder = get_blob_logdir()
-            logger.log(f"saving model {name:06d}...")
-            path = os.path.join(folder, f"model{name:06d}.pt")
-            checkpoints.atomic_save(self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params), path)
-            _test_pause(name)
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                logger.log(f"saving model {rate}...")
-                checkpoints.atomic_save(
-                    self.mp_trainer.master_params_to_state_dict(params),
-                    os.path.join(folder, f"ema_{rate}_{name:06d}.pt"),
-                )
-            checkpoints.atomic_save(self.opt.state_dict(), os.path.join(folder, f"opt{name:06d}.pt"))
-            checkpoints.atomic_save(state, os.path.join(folder, f"state{name:06d}.pt"))
-            self._last_saved = path
+            to_state_dict = self.mp_trainer.master_params_to_state_dict
+            self._last_saved = write_checkpoint_set(
+                get_blob_logdir(), name, model=to_state_dict(self.mp_trainer.master_params),
+                emas=((rate, to_state_dict(params)) for rate, params in zip(self.ema_rate, self.ema_params)),
+                opt=self.opt.state_dict(), state=state,
+            )
         dist_util.barrier()
 
     def _state_dict(self, next_step):
@@ -598,15 +632,6 @@ class TrainLoop:
             "rng": dist_util.all_gather_objects(capture_rng_state()),
             "sampler": _sampler_state(self.schedule_sampler),
         }
-
-
-def _test_pause(name_step):
-    value = os.environ.get(SAVE_PAUSE_ENV, "")
-    if not value:
-        return
-    seconds, _, step = value.partition("@")
-    if not step or int(step) == name_step:
-        time.sleep(float(seconds))
 
 
 class _Flags:
@@ -625,16 +650,7 @@ def _adamw_speed_options(fused=False):
     """
     if fused:
         return {"fused": True}
-    return {"foreach": True} if perf.enabled("foreach") else {"foreach": False}
-
-
-def _load_weights(model, state_dict, source):
-    try:
-        from .checkpoints import load_model_weights
-    except ImportError:
-        model.load_state_dict(state_dict)
-        return
-    load_model_weights(model, state_dict, source=source)
+    return {"foreach": True} if fastpaths.enabled("foreach") else {"foreach": False}
 
 
 # ---------------------------------------------------------------------------
@@ -706,9 +722,6 @@ def parse_training_args(parser, argv=None, purpose="train"):
     ``config.json`` beside ``--resume_checkpoint`` (so a resumed run continues
     with the same data, batch size, model...) < ``--preset`` < explicit flags.
     """
-    from . import checkpoints
-    from .script_util import add_preset_argument, parse_args_with_presets
-
     add_preset_argument(parser)
     first, _ = parser.parse_known_args(argv)
     if getattr(first, "resume_checkpoint", ""):
@@ -724,8 +737,6 @@ def start_run(args, purpose="training"):
     Returns the absolute log dir. The flags are saved there as ``config.json`` so
     that sampling scripts can rebuild the model without repeating them.
     """
-    from . import checkpoints
-
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     log_dir = os.path.abspath(logger.get_dir())
@@ -739,8 +750,6 @@ def start_run(args, purpose="training"):
 
 def training_data(args, **load_kwargs):
     """``image_datasets.load_data`` with the script flags, drawing from its own seeded RNG."""
-    from .image_datasets import load_data
-
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,

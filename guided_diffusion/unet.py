@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import perf
+from . import fastpaths
 from .errors import usage
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
@@ -110,7 +110,7 @@ def _recomputing(device_type):
     outside torch.compile (which plans its own recomputation) and autocast (whose
     backward pass would recompute in another dtype)."""
     return (
-        perf.enabled("recompute")
+        fastpaths.enabled("recompute")
         and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(device_type)
@@ -141,12 +141,12 @@ def attention(q, k, v):
     drifts measurably from the original's fp16 training). With the ``sdpa`` fast path
     off, `attention_reference` everywhere.
     """
-    if not perf.enabled("sdpa"):
+    if not fastpaths.enabled("sdpa"):
         return attention_reference(q, k, v)
     if q.device.type == "cpu":
         if q.dtype == torch.float16:
             return attention_reference(q, k, v)
-        if perf.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
+        if fastpaths.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
             if _recompute_weights(q):
                 return attention_recomputing_weights(q, k, v)
             return attention_bmm(q, k, v)
@@ -341,7 +341,7 @@ def output_is_private(modules):
     overwriting one is safe for gradients.
     """
     return (
-        perf.enabled("inplace")
+        fastpaths.enabled("inplace")
         and not any(m._forward_hooks for m in modules)
         and not nn.modules.module._global_forward_hooks
     )
@@ -568,7 +568,7 @@ class AttentionBlock(nn.Module):
         saves its memory with `attention_recomputing_weights` instead. Float16 on CPU
         keeps the original's float16 roundings (`attention_reference`).
         """
-        if not (perf.enabled("token_attention") and perf.enabled("sdpa")):
+        if not (fastpaths.enabled("token_attention") and fastpaths.enabled("sdpa")):
             return False
         if x.device.type == "cpu" and (
             torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64, torch.bfloat16)
@@ -743,7 +743,7 @@ class UNetModel(nn.Module):
         use_new_attention_order=False,  # QKVAttention instead of QKVAttentionLegacy
     ):
         super().__init__()
-        perf.tune_allocator()
+        fastpaths.tune_allocator()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         self.image_size = image_size
@@ -896,7 +896,7 @@ class EncoderUNetModel(nn.Module):
         pool="adaptive",
     ):
         super().__init__()
-        perf.tune_allocator()
+        fastpaths.tune_allocator()
         if pool not in ("adaptive", "attention", "spatial", "spatial_v2"):
             raise usage(NotImplementedError(
                 f"unknown classifier pool {pool!r}; choose --classifier_pool adaptive, attention, spatial "

@@ -106,6 +106,45 @@ def test_sync_params_keeps_values_in_one_process():
     assert torch.equal(ps[0], torch.ones(3)) and torch.equal(ps[1], torch.full((2, 2), 5.0))
 
 
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"),) + dist_util._MPI_ENV:
+        monkeypatch.delenv(rank_var, raising=False)
+        monkeypatch.delenv(size_var, raising=False)
+
+
+def test_rank_and_world_without_group_or_launcher_is_one_process(no_launcher):
+    assert dist_util.rank_and_world() == (0, 1)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"RANK": "1", "WORLD_SIZE": "4"}, (1, 4)),                              # torchrun
+    ({"PMI_RANK": "2", "PMI_SIZE": "3"}, (2, 3)),                            # mpich, Intel MPI
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, (1, 2)),    # Open MPI
+    ({"PMI_RANK": "2"}, (2, 3)),                                             # no size: at least rank + 1
+    ({"RANK": "3", "WORLD_SIZE": "4", "PMI_RANK": "0", "PMI_SIZE": "1"}, (3, 4)),  # torchrun's win
+])
+def test_rank_and_world_before_setup_come_from_the_launcher(no_launcher, monkeypatch, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dist_util.rank_and_world() == expected
+
+
+def test_rank_and_world_of_a_process_group_win_over_the_environment(no_launcher, monkeypatch):
+    dist_util.setup_dist()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert dist_util.rank_and_world() == (0, 1)
+
+
+def test_comm_device_is_where_the_backend_communicates(no_launcher):
+    dist_util.setup_dist()
+    if torch.distributed.get_backend() == "gloo":
+        assert dist_util.comm_device() == torch.device("cpu")
+    else:
+        assert dist_util.comm_device() == dist_util.dev()
+
+
 # ---------------------------------------------------------------- data parallel
 
 WORKER = """

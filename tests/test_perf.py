@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guided_diffusion import nn as gnn
-from guided_diffusion import perf, script_util
+from guided_diffusion import fastpaths, perf, script_util
 from guided_diffusion import unet as U
 from guided_diffusion.train_util import _adamw_speed_options
 
@@ -49,18 +49,29 @@ def inputs(batch=2, seed=2):
 def test_env_var_turns_named_fast_paths_off(monkeypatch):
     monkeypatch.setenv(perf.ENV_VAR, "allocator, inplace")
     try:
-        perf._read_env()
+        fastpaths._read_env()
         assert not perf.enabled("allocator") and not perf.enabled("inplace")
         assert perf.enabled("foreach")
     finally:
         monkeypatch.delenv(perf.ENV_VAR)
-        perf._read_env()
+        fastpaths._read_env()
     assert all(perf.enabled(name) for name in perf.FAST_PATHS)
 
 
 def test_unknown_fast_path_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown fast path.*'sdpaa'.*cpu_attention"):
         perf.disable("sdpaa")
+
+
+def test_perf_switches_are_the_fast_path_registry():
+    with perf.disabled("inplace"):
+        assert not fastpaths.enabled("inplace")
+    perf.disable("foreach")
+    try:
+        assert not fastpaths.enabled("foreach")
+    finally:
+        fastpaths.enable("foreach")
+    assert perf.enabled("foreach")
 
 
 def test_disabled_context_restores_the_switches():

@@ -49,12 +49,17 @@ def _methods(cls, package):
 
 
 def dump(gd):
-    """``{"module.name": params}`` for functions and ``"module.Class.method"`` for methods."""
+    """``{"module.name": params}`` for functions and ``"module.Class.method"`` for methods.
+
+    A module's names include those it imports from another module of the package:
+    a function moved to a new module and re-exported from its old one is still
+    callable under the old name.
+    """
     found = {}
     for short in MODULES:
         module = importlib.import_module(f"{gd.__name__}.{short}")
         for name, value in vars(module).items():
-            if getattr(value, "__module__", None) != module.__name__:
+            if not str(getattr(value, "__module__", None)).startswith(gd.__name__ + "."):
                 continue
             if inspect.isclass(value):
                 found[f"{short}.{name}"] = "class"
