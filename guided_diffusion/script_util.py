@@ -24,6 +24,7 @@ per halving down to 4 pixels. The size must divide evenly by ``2**(levels-1)``
 """
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
@@ -171,68 +172,28 @@ def _output_channels(in_channels, out_channels, learn_sigma):
 # ---------------------------------------------------------------- factories
 
 
+def _call_with(factory, flags):
+    """``factory`` called with those ``flags`` that are its parameters."""
+    names = inspect.signature(factory).parameters
+    return factory(**{name: value for name, value in flags.items() if name in names})
+
+
+def _diffusion_from(flags):
+    """The diffusion a ``create_*_and_diffusion`` builds beside its network."""
+    return _call_with(create_gaussian_diffusion, dict(flags, steps=flags["diffusion_steps"]))
+
+
 def create_model_and_diffusion(
-    image_size,
-    class_cond,
-    learn_sigma,
-    num_channels,
-    num_res_blocks,
-    channel_mult,
-    num_heads,
-    num_head_channels,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    resblock_updown,
-    use_fp16,
+    image_size, class_cond, learn_sigma, num_channels, num_res_blocks, channel_mult, num_heads,
+    num_head_channels, num_heads_upsample, attention_resolutions, dropout, diffusion_steps,
+    noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
+    rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
     use_new_attention_order,
-    *,
-    in_channels=3,
-    out_channels=-1,
-    num_classes=NUM_CLASSES,
+    *, in_channels=3, out_channels=-1, num_classes=NUM_CLASSES,
 ):
     """Build the diffusion UNet and its (possibly respaced) diffusion from flags."""
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_classes=num_classes,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = dict(locals())
+    return _call_with(create_model, flags), _diffusion_from(flags)
 
 
 def create_model(
@@ -263,75 +224,20 @@ def create_model(
     ``num_classes`` (used only with ``class_cond``) go beyond the original; their
     defaults build the original's model.
     """
-    mult = parse_channel_mult(channel_mult, image_size)
-    return UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=_output_channels(in_channels, out_channels, learn_sigma),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size, levels=len(mult)),
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-    )
+    flags = dict(locals())
+    return _build_unet(UNetModel, flags.pop("image_size"), None, flags)
 
 
 def create_classifier_and_diffusion(
-    image_size,
-    classifier_use_fp16,
-    classifier_width,
-    classifier_depth,
-    classifier_attention_resolutions,
-    classifier_use_scale_shift_norm,
-    classifier_resblock_updown,
-    classifier_pool,
-    learn_sigma,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    *,
-    in_channels=3,
-    num_classes=NUM_CLASSES,
-    classifier_channel_mult="",
+    image_size, classifier_use_fp16, classifier_width, classifier_depth,
+    classifier_attention_resolutions, classifier_use_scale_shift_norm, classifier_resblock_updown,
+    classifier_pool, learn_sigma, diffusion_steps, noise_schedule, timestep_respacing, use_kl,
+    predict_xstart, rescale_timesteps, rescale_learned_sigmas,
+    *, in_channels=3, num_classes=NUM_CLASSES, classifier_channel_mult="",
 ):
     """Build the noisy-image classifier and the diffusion that noises its inputs."""
-    classifier = create_classifier(
-        image_size,
-        classifier_use_fp16,
-        classifier_width,
-        classifier_depth,
-        classifier_attention_resolutions,
-        classifier_use_scale_shift_norm,
-        classifier_resblock_updown,
-        classifier_pool,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        classifier_channel_mult=classifier_channel_mult,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return classifier, diffusion
+    flags = dict(locals())
+    return _call_with(create_classifier, flags), _diffusion_from(flags)
 
 
 def create_classifier(
@@ -369,67 +275,15 @@ def create_classifier(
 
 
 def sr_create_model_and_diffusion(
-    large_size,
-    small_size,
-    class_cond,
-    learn_sigma,
-    num_channels,
-    num_res_blocks,
-    num_heads,
-    num_head_channels,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    resblock_updown,
-    use_fp16,
-    *,
-    in_channels=3,
-    out_channels=-1,
-    num_classes=NUM_CLASSES,
-    channel_mult="",
+    large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks, num_heads,
+    num_head_channels, num_heads_upsample, attention_resolutions, dropout, diffusion_steps,
+    noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
+    rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
+    *, in_channels=3, out_channels=-1, num_classes=NUM_CLASSES, channel_mult="",
 ):
     """Build the super-resolution UNet and its diffusion from flags."""
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_classes=num_classes,
-        channel_mult=channel_mult,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = dict(locals())
+    return _call_with(sr_create_model, flags), _diffusion_from(flags)
 
 
 def sr_create_model(
@@ -459,25 +313,23 @@ def sr_create_model(
     ``small_size`` is accepted for flag compatibility: the model upsamples any
     low-resolution input to ``large_size``.
     """
-    del small_size  # the architecture does not depend on it
-    mult = parse_channel_mult(channel_mult, large_size, table=_SR_CHANNEL_MULT)
-    return SuperResModel(
-        image_size=large_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=_output_channels(in_channels, out_channels, learn_sigma),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size, levels=len(mult)),
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
+    flags = dict(locals())
+    del flags["small_size"]  # the architecture does not depend on it
+    return _build_unet(SuperResModel, flags.pop("large_size"), _SR_CHANNEL_MULT, flags)
+
+
+def _build_unet(cls, image_size, mult_table, flags):
+    """``cls`` (``UNetModel`` or ``SuperResModel``) from the flags of ``create_model`` /
+    ``sr_create_model``: the flags that need translating are translated, the rest pass through."""
+    mult = parse_channel_mult(flags.pop("channel_mult"), image_size, table=mult_table)
+    in_channels = flags.pop("in_channels")
+    out_channels = _output_channels(in_channels, flags.pop("out_channels"), flags.pop("learn_sigma"))
+    attention = attention_downsample_rates(flags.pop("attention_resolutions"), image_size, levels=len(mult))
+    class_cond, num_classes = flags.pop("class_cond"), flags.pop("num_classes")
+    return cls(
+        image_size=image_size, in_channels=in_channels, model_channels=flags.pop("num_channels"),
+        out_channels=out_channels, attention_resolutions=attention, channel_mult=mult,
+        num_classes=num_classes if class_cond else None, **flags,
     )
 
 
