@@ -33,8 +33,9 @@ from .errors import usage
 from .respace import space_timesteps
 from .samplers import progress_bar
 
-SPACINGS = ("adm", "trailing", "time_uniform", "logsnr", "karras")
+SPACINGS = ("adm", "trailing", "time_uniform", "logsnr", "karras", "karras_trailing")
 KARRAS_RHO = 7.0
+EDM_SIGMA_MAX = 80.0  # Karras et al. 2022, table 1: the top noise level the solvers' defaults start from
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -136,18 +137,28 @@ def to_karras_denoiser(diffusion, model, **kwargs):
 # ----------------------------------------------------------------------------- step spacings
 
 
-def timesteps(diffusion, steps, spacing):
+def timesteps(diffusion, steps, spacing, *, sigma_max=None):
     """The ``steps`` model timesteps (float64, first to last) a solver visits, in the model's chain.
+
+    ``sigma_max`` (optional) lowers the top: every spacing but ``adm`` is then laid out
+    from the timestep t_top of that noise level instead of T-1. Data in [-1, 1] is lost
+    in noise well before sigma = 80 (Karras et al. 2022, table 1), and schedules whose
+    last steps go far beyond (the cosine schedule's clipped last beta reaches sigma ~ 20,000)
+    otherwise spend a large first step where nothing happens; the solvers' defaults use 80.
 
     - ``adm``: the original's ``ddimN`` striding (t = 0, k, 2k, ... for the smallest
       integer stride k giving N steps), so DDIM here reproduces ``ddim_sample_loop`` on
       the respaced diffusion; where no stride gives N, the original's plain count "N";
-    - ``trailing``: evenly spaced from the last step, t = round(T - i T / N) - 1
-      (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed");
-    - ``time_uniform``: evenly spaced in t from T-1 to 0;
-    - ``logsnr``: evenly spaced in log SNR between the chain's ends (Lu et al. 2022);
-    - ``karras``: sigma_i^(1/rho) evenly spaced between sigma_max and sigma_min of the
-      table, rho = 7 (Karras et al. 2022, eq. 5).
+    - ``trailing``: evenly spaced from the top, t = round((t_top + 1)(1 - i / N)) - 1, so
+      the last step is at t ~ T/N rather than 0 (Lin et al. 2023, "Common Diffusion
+      Noise Schedules and Sample Steps are Flawed", table 2);
+    - ``time_uniform``: evenly spaced in t from t_top to 0;
+    - ``logsnr``: evenly spaced in log SNR from t_top to 0 (Lu et al. 2022);
+    - ``karras``: sigma_i^(1/rho) evenly spaced from the top's sigma to the table's
+      sigma_min, rho = 7 (Karras et al. 2022, eq. 5);
+    - ``karras_trailing``: the same rho = 7 grid, but down to the noise level of the
+      trailing spacing's last step: a few-step grid spends no step on noise too fine to
+      show, and its final x_0 prediction is taken there.
     """
     schedule = diffusion.model_schedule
     last = schedule.num_timesteps - 1
@@ -156,32 +167,40 @@ def timesteps(diffusion, steps, spacing):
             f"steps must be an integer from 1 to {schedule.num_timesteps} (the model's chain); got {steps!r} "
             "(flag --steps)."
         ))
+    if spacing not in SPACINGS:
+        raise usage(ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)} (flag --spacing)."))
     if spacing == "adm":
+        if sigma_max is not None:
+            raise usage(ValueError("the adm spacing is the original's striding; sigma_max does not apply to it."))
         try:
             kept = space_timesteps(schedule.num_timesteps, f"ddim{steps}")
         except ValueError:  # no integer stride gives that count: the original's plain count then
             kept = space_timesteps(schedule.num_timesteps, str(steps))
         return np.array(sorted(kept, reverse=True), dtype=np.float64)
+    top = float(last)
+    if sigma_max is not None and sigma_max < schedule.karras_sigma[-1]:
+        top = float(schedule.t_at_karras_sigma(np.array([sigma_max]))[0])
+    trailing = np.round((top + 1) * (1 - np.arange(steps) / steps)) - 1.0
     if spacing == "trailing":
-        return np.round(np.arange(schedule.num_timesteps, 0, -schedule.num_timesteps / steps))[:steps] - 1.0
+        return np.maximum(trailing, 0.0)
     if spacing == "time_uniform":
-        return np.linspace(last, 0, steps, dtype=np.float64)
+        return np.linspace(top, 0, steps, dtype=np.float64)
     if spacing == "logsnr":
-        grid = np.linspace(schedule.logsnr[-1], schedule.logsnr[0], steps, dtype=np.float64)
-        return _exact_ends(schedule.t_at_logsnr(grid).numpy(), last)
-    if spacing == "karras":
-        low, high = schedule.karras_sigma[0] ** (1 / KARRAS_RHO), schedule.karras_sigma[-1] ** (1 / KARRAS_RHO)
-        sigmas = np.linspace(high, low, steps, dtype=np.float64) ** KARRAS_RHO
-        return _exact_ends(schedule.t_at_karras_sigma(sigmas).numpy(), last)
-    raise usage(ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)} (flag --spacing)."))
+        ends = schedule.logsnr_at(torch.tensor([top, 0.0], dtype=torch.float64)).numpy()
+        return _exact_ends(schedule.t_at_logsnr(np.linspace(ends[0], ends[1], steps)).numpy(), top, 0.0)
+    bottom = max(trailing[-1], 0.0) if spacing == "karras_trailing" else 0.0
+    high, low = schedule.karras_sigma_at(torch.tensor([top, bottom], dtype=torch.float64)).numpy()
+    rho = 1 / KARRAS_RHO
+    sigmas = np.linspace(high**rho, low**rho, steps, dtype=np.float64) ** KARRAS_RHO
+    return _exact_ends(schedule.t_at_karras_sigma(sigmas).numpy(), top, bottom)
 
 
-def _exact_ends(t, last):
-    """Pin the first and last of a mapped grid to the chain's ends (the maps are exact only up to rounding)."""
+def _exact_ends(t, top, bottom):
+    """Pin the first and last of a mapped grid to its ends (the maps are exact only up to rounding)."""
     t = t.copy()
-    t[0] = last
+    t[0] = top
     if len(t) > 1:
-        t[-1] = 0.0
+        t[-1] = bottom
     return t
 
 
@@ -243,12 +262,22 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     Starts from ``noise`` (else a standard normal draw from ``generator``) as x at the
     first of ``timesteps(diffusion, steps, spacing)`` and returns a ``Result`` whose
     ``sample`` is x_0 in the dtype of the noise. ``options``: solver options (``eta``,
-    ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``order``) and the denoiser's
-    ``dynamic_threshold``.
+    ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``order``), the denoiser's
+    ``dynamic_threshold`` and the spacing's ``sigma_max``. With the default spacing (``spacing=None``)
+    every solver but ``ddim`` starts at sigma_max = 80 (``timesteps``).
     """
     step_fn = _solver(solver)
-    spacing = DEFAULT_SPACING.get(getattr(step_fn, "__name__", ""), "time_uniform") if spacing is None else spacing
-    times = timesteps(diffusion, steps, spacing)
+    sigma_max = options.pop("sigma_max", None)
+    if spacing is None:
+        spacing = DEFAULT_SPACING.get(getattr(step_fn, "__name__", ""), "trailing")
+        if spacing != "adm" and sigma_max is None:
+            sigma_max = EDM_SIGMA_MAX
+    times = timesteps(diffusion, steps, spacing, sigma_max=sigma_max)
+    if len(times) > 1 and not np.all(np.diff(times) < 0):
+        raise usage(ValueError(
+            f"{steps} steps of the {spacing} spacing do not give distinct timesteps on this "
+            f"{diffusion.model_schedule.num_timesteps}-step chain; use fewer steps or another spacing."
+        ))
     _check_options(step_fn, options)
     denoiser = KarrasDenoiser(
         diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
@@ -298,7 +327,7 @@ def _solver(solver):
 
 
 def _check_options(step_fn, options):
-    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold"}
+    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise usage(ValueError(
@@ -609,15 +638,16 @@ SOLVERS = {
 # Model calls per step (the last step of heun takes one).
 CALLS_PER_STEP = {name: 2 if name == "heun" else 1 for name in SOLVERS}
 
-# The spacing each solver uses unless told otherwise.
+# The spacing each solver uses unless told otherwise (measured on the digits demo model:
+# benchmarks/README.md); with it, the grid starts at EDM_SIGMA_MAX except for ddim's adm.
 DEFAULT_SPACING = {
     "ddim": "adm",
-    "euler": "time_uniform",
-    "euler_a": "time_uniform",
-    "heun": "time_uniform",
-    "dpmpp_2m": "time_uniform",
-    "dpmpp_3m": "time_uniform",
-    "dpmpp_2m_sde": "time_uniform",
-    "unipc": "time_uniform",
-    "ipndm": "time_uniform",
+    "euler": "trailing",
+    "euler_a": "trailing",
+    "heun": "karras_trailing",
+    "dpmpp_2m": "trailing",
+    "dpmpp_3m": "trailing",
+    "dpmpp_2m_sde": "trailing",
+    "unipc": "trailing",
+    "ipndm": "trailing",
 }

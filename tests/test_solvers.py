@@ -229,6 +229,36 @@ def test_spacings_give_decreasing_timesteps_inside_the_chain(spacing):
         assert t[-1] == 0
 
 
+def test_sigma_max_lowers_the_top_of_every_spacing_but_adm():
+    d = diffusion("cosine", 1000)
+    top = float(d.schedule.t_at_karras_sigma(torch.tensor([80.0]))[0])
+    assert 980 < top < 999 and d.schedule.karras_sigma[-1] > 80
+    for spacing in ("trailing", "time_uniform", "logsnr", "karras", "karras_trailing"):
+        t = solvers.timesteps(d, 8, spacing, sigma_max=80.0)
+        assert abs(t[0] - top) < 1 and np.all(np.diff(t) < 0), spacing
+    with pytest.raises(ValueError, match="sigma_max does not apply"):
+        solvers.timesteps(d, 8, "adm", sigma_max=80.0)
+
+
+def test_trailing_ends_near_t_over_n_and_karras_trailing_ends_there_too():
+    d = diffusion("cosine", 1000)
+    trailing = solvers.timesteps(d, 10, "trailing")
+    assert trailing.tolist() == [999.0, 899.0, 799.0, 699.0, 599.0, 499.0, 399.0, 299.0, 199.0, 99.0]
+    karras = solvers.timesteps(d, 10, "karras_trailing")
+    assert karras[0] == 999 and karras[-1] == 99
+    sigma = d.schedule.karras_sigma_at(torch.from_numpy(karras)).numpy() ** (1 / 7)
+    np.testing.assert_allclose(np.diff(sigma), np.diff(sigma).mean(), rtol=1e-6)
+
+
+def test_the_default_grids_start_at_sigma_80_except_ddims():
+    model, d = tiny_unet(diffusion_steps=1000)
+    for name in ("dpmpp_2m", "heun"):
+        t = solvers.run(d, model, (1, 3, 8, 8), name, 4, model_kwargs={"y": torch.tensor([0])}).timesteps
+        assert float(d.schedule.karras_sigma_at(torch.tensor(t[0]))) == pytest.approx(80.0, rel=0.02)  # trailing rounds t
+    t = solvers.run(d, model, (1, 3, 8, 8), "ddim", 4, model_kwargs={"y": torch.tensor([0])}).timesteps
+    assert t.tolist() == [750.0, 500.0, 250.0, 0.0]
+
+
 def test_adm_spacing_is_the_originals_ddim_striding():
     d = diffusion("cosine", 1000)
     assert solvers.timesteps(d, 25, "adm").tolist() == list(range(960, -1, -40))
