@@ -12,6 +12,7 @@ AttentionBlock / ResBlock; the mirror-image decoder, which concatenates the
 matching encoder activation before each ResBlock; and a GroupNorm-SiLU-conv head.
 """
 
+import math
 from abc import abstractmethod
 
 import torch
@@ -43,8 +44,14 @@ def attention_reference(q, k, v):
     q, k, v: [N, C, T] (channels first, one row per head). Each of q and k is scaled
     by C^(-1/4) before the product (more stable in float16 than scaling the product),
     the softmax runs in float32. Returns [N, C, T].
+
+    What the CPU runs (fast path ``cpu_attention``): its two batched matmuls and
+    float32 softmax are the fastest CPU kernels for these 3-D tensors, and they round
+    exactly like the original, which the golden results need (x0 predictions at large
+    t magnify the model's last bit). The scale is the original's expression, equal to
+    C ** -0.25 in float32 but not always in float64.
     """
-    scale = q.shape[1] ** -0.25
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("nct,ncs->nts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
     return torch.einsum("nts,ncs->nct", weight, v)
@@ -60,48 +67,31 @@ def attention_sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def attention_bmm(q, k, v):
-    """The same attention as `attention_reference`, as two batched matmuls with one scale.
-
-    What the CPU runs: SDPA's CPU path for these 3-D tensors is its generic one, with
-    extra masking passes and copies, and the original's einsums scale both q and k;
-    this scales q alone, by C^(-1/2) (the [C, T] operand is smaller than the [T, T]
-    product). Same shapes as `attention_reference`; the softmax runs in q's dtype.
-
-    The second product is taken as weights @ v^T, a [N, T, C] result returned as a
-    transposed view: then the gradient that reaches the softmax in training is
-    contiguous, where v @ weights^T would hand it over transposed and the softmax
-    backward would first copy the whole [N, T, T] tensor.
-    """
-    weight = torch.bmm((q * q.shape[1] ** -0.5).transpose(1, 2), k)
-    return torch.bmm(torch.softmax(weight, dim=-1), v.transpose(1, 2)).transpose(1, 2)
-
-
 class _AttentionRecomputingWeights(torch.autograd.Function):
-    """`attention_bmm` that keeps only q, k, v for the backward pass.
+    """`attention_reference` that keeps only q, k, v for the backward pass.
 
     The [N, T, T] softmax weights, by far the largest activation of an attention
     block, are recomputed in the backward pass with the same kernels, so outputs and
-    gradients equal those of the plain `attention_bmm` bit for bit.
+    gradients equal those of the plain `attention_reference` bit for bit.
     """
 
     @staticmethod
     def forward(ctx, q, k, v):
         ctx.save_for_backward(q, k, v)
-        return attention_bmm(q, k, v)
+        return attention_reference(q, k, v)
 
     @staticmethod
     def backward(ctx, grad):
         inputs = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
         with torch.enable_grad():
-            out = attention_bmm(*inputs)
+            out = attention_reference(*inputs)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
         return tuple(next(grads) if t.requires_grad else None for t in inputs)
 
 
 def attention_recomputing_weights(q, k, v):
-    """`attention_bmm`, storing q, k, v instead of the [T, T] weights for the backward pass."""
+    """`attention_reference`, storing q, k, v instead of the [T, T] weights for the backward pass."""
     return _AttentionRecomputingWeights.apply(q, k, v)
 
 
@@ -120,12 +110,12 @@ def _recomputing(device_type):
 def _recompute_weights(q):
     """Whether training attention should recompute its [T, T] weights (fast path ``recompute``).
 
-    Per head, an attention block trained module by module stores about seven [C, T]
-    tensors besides the weights (the norm's input and output, q/k/v, the scaled q, the
-    output before its projection). The weights are recomputed only where they are more
-    than twice all of that together, T > 14C: there the recomputation (a second q.k
-    product and softmax) buys most of the block's memory; below it, it would cost
-    ~2% of a training step for a modest saving.
+    Per head, an attention block trained module by module stores the [T, T] weights
+    and about eight [C, T] tensors (the norm's input and output, q/k/v, the scaled q
+    and k, the output before its projection). The weights are recomputed only where
+    T > 14C, where they weigh more than 1.75 times all the rest: there the
+    recomputation (a second q.k product and softmax) buys most of the block's
+    memory; below it, it would cost ~2% of a training step for a modest saving.
     """
     channels, length = q.shape[1:]
     return length > 14 * channels and _recomputing(q.device.type)
@@ -134,22 +124,20 @@ def _recompute_weights(q):
 def attention(q, k, v):
     """The attention used by the blocks.
 
-    GPUs: `attention_sdpa` (flash / memory-efficient kernels). CPU: `attention_bmm`
-    for float32 (fast path ``cpu_attention``; in training `attention_recomputing_weights`,
-    fast path ``recompute``), and `attention_reference` for float16, which rounds the
-    logits and weights to float16 like the original (SDPA skips those roundings and
-    drifts measurably from the original's fp16 training). With the ``sdpa`` fast path
-    off, `attention_reference` everywhere.
+    GPUs: `attention_sdpa` (flash / memory-efficient kernels). CPU: `attention_reference`
+    (fast path ``cpu_attention``; in training `attention_recomputing_weights`, fast
+    path ``recompute``); with ``cpu_attention`` off, float32 and float64 use SDPA too,
+    while float16 keeps `attention_reference`, which rounds the logits and weights to
+    float16 like the original (SDPA skips those roundings and drifts measurably from
+    the original's fp16 training). With the ``sdpa`` fast path off,
+    `attention_reference` everywhere.
     """
     if not perf.enabled("sdpa"):
         return attention_reference(q, k, v)
-    if q.device.type == "cpu":
-        if q.dtype == torch.float16:
-            return attention_reference(q, k, v)
-        if perf.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
-            if _recompute_weights(q):
-                return attention_recomputing_weights(q, k, v)
-            return attention_bmm(q, k, v)
+    if q.device.type == "cpu" and (perf.enabled("cpu_attention") or q.dtype == torch.float16):
+        if _recompute_weights(q):
+            return attention_recomputing_weights(q, k, v)
+        return attention_reference(q, k, v)
     return attention_sdpa(q, k, v)
 
 
@@ -563,16 +551,15 @@ class AttentionBlock(nn.Module):
         Only with the ``token_attention`` and ``sdpa`` fast paths on, for the two
         stock attention modules, and when no forward hook would miss the calls it
         skips (``qkv``, ``attention`` and ``proj_out`` are not called as modules).
-        On CPU only where no gradient is recorded: CPU training keeps the original's
-        [N, C, T] roundings (Adam magnifies rounding differences in tiny gradients) and
-        saves its memory with `attention_recomputing_weights` instead. Float16 on CPU
-        keeps the original's float16 roundings (`attention_reference`).
+        On CPU only for bfloat16 and where no gradient is recorded: float32 and
+        float64 keep the original's [N, C, T] roundings (its 1x1 convolutions and
+        matmul order; x0 predictions at large t magnify the last bit), float16 its
+        float16 roundings, and CPU training saves its memory with
+        `attention_recomputing_weights` instead.
         """
         if not (perf.enabled("token_attention") and perf.enabled("sdpa")):
             return False
-        if x.device.type == "cpu" and (
-            torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64, torch.bfloat16)
-        ):
+        if x.device.type == "cpu" and (torch.is_grad_enabled() or x.dtype != torch.bfloat16):
             return False
         if type(self.attention) not in (QKVAttention, QKVAttentionLegacy):
             return False

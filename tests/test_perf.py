@@ -82,12 +82,13 @@ def test_allocator_tuning_is_applied_once_and_reports_it():
 # --------------------------------------------------------------------- same numbers
 
 
-def test_cpu_attention_matches_the_original_formula():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_attention_is_the_original_formula_bit_for_bit(dtype):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(6, 16, 64, generator=gen) for _ in range(3))
-    exact = U.attention_reference(q.double(), k.double(), v.double())
-    for fn in (U.attention_bmm, U.attention_reference, U.attention_sdpa):
-        assert (fn(q, k, v).double() - exact).abs().max() < 1e-6, fn.__name__
+    q, k, v = (torch.randn(6, 32, 64, generator=gen, dtype=dtype) for _ in range(3))
+    assert torch.equal(U.attention(q, k, v), U.attention_reference(q, k, v))
+    with perf.disabled("cpu_attention"):  # SDPA instead: the same values, another rounding
+        torch.testing.assert_close(U.attention(q, k, v), U.attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
@@ -154,28 +155,26 @@ def test_token_major_attention_block_matches_the_module_by_module_forward(use_ne
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert block._use_token_layout(x)
-        fast = block(x)
-        with perf.disabled("token_attention"):
-            assert not block._use_token_layout(x)
-            plain = block(x)
+        fast = block._forward_tokens(x)
+        plain = block(x)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     assert (fast - x).abs().max() > 0.1  # the block did change x
     # The output keeps the input's memory layout.
     assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_token_major_attention_is_for_sampling_on_cpu_and_steps_aside_for_hooks():
+def test_token_major_attention_is_for_bfloat16_sampling_on_cpu_and_steps_aside_for_hooks():
     block = U.AttentionBlock(64, num_heads=2)
     x = torch.randn(2, 64, 4, 4)
     with torch.no_grad():
-        assert block._use_token_layout(x)
-        assert not block._use_token_layout(x.half())  # CPU float16 keeps the original's roundings
-    assert not block._use_token_layout(x)  # CPU training keeps the [N, C, T] path
+        assert block._use_token_layout(x.bfloat16())
+        for dtype in (torch.float16, torch.float32, torch.float64):  # the original's roundings
+            assert not block._use_token_layout(x.to(dtype)), dtype
+    assert not block._use_token_layout(x.bfloat16())  # CPU training keeps the [N, C, T] path
     seen = []
     handle = block.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     with torch.no_grad():
-        assert not block._use_token_layout(x)
+        assert not block._use_token_layout(x.bfloat16())
         block(x)
     handle.remove()
     assert seen == [torch.Size([2, 192, 16])]
@@ -266,11 +265,11 @@ def test_group_norm_silu_falls_back_where_it_cannot_match_the_plain_layers():
     torch.testing.assert_close(out, torch.nn.functional.silu(norm(x)), rtol=0, atol=0)
 
 
-def test_attention_recomputing_weights_matches_bmm_attention_bit_for_bit():
+def test_attention_recomputing_weights_matches_the_formula_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 8, 32, generator=gen) for _ in range(3))
     grads = []
-    for fn in (U.attention_recomputing_weights, U.attention_bmm):
+    for fn in (U.attention_recomputing_weights, U.attention_reference):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
         out.backward(torch.ones_like(out) * torch.arange(32.0))
