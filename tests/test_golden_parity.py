@@ -62,20 +62,7 @@ PUBLIC = Results(GOLDEN / "public.npz")
 NAMES = compare.scenario_list(PUBLIC.npz, PUBLIC.groups)
 
 
-@pytest.fixture(scope="session")
-def replays(tmp_path_factory):
-    """Ours and (where it can be fetched) the original, replayed side by side on this machine.
-
-    Returns (ours, original or None, why the original is missing or None).
-    """
-    folder = tmp_path_factory.mktemp("golden")
-    try:
-        package = original.fetch()
-    except original.Unavailable as err:
-        theirs, why = None, str(err)
-    else:
-        theirs, why = original.replay(package, folder / "original.npz"), None
-    out = folder / "ours.npz"
+def _replay_ours(out):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("OPENAI_LOGDIR", None)
     proc = subprocess.run(
@@ -84,14 +71,39 @@ def replays(tmp_path_factory):
     )
     if not out.exists():
         pytest.fail(f"scenario replay wrote nothing:\n{proc.stderr[-4000:]}")
-    original_results = None
-    if theirs is not None:
-        theirs.wait(timeout=900)
-        if (folder / "original.npz").exists():
-            original_results = Results(folder / "original.npz")
-        else:
-            why = f"the original's replay wrote nothing (see {folder / 'original.log'})"
-    return Results(out), original_results, why
+    return Results(out)
+
+
+def _wait_for_original(proc, out):
+    """The original's results from its replay ``proc``, or (None, why not)."""
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        return None, "the original's replay took longer than 900 s"
+    if not out.exists():
+        return None, f"the original's replay wrote nothing (see {out.with_suffix('.log')})"
+    return Results(out), None
+
+
+@pytest.fixture(scope="session")
+def replays(tmp_path_factory):
+    """Ours and (where it can be fetched) the original, replayed side by side on this machine.
+
+    Returns (ours, the original's results or None, why they are missing or None).
+    """
+    folder = tmp_path_factory.mktemp("golden")
+    try:
+        package = original.fetch()
+    except original.Unavailable as err:
+        return _replay_ours(folder / "ours.npz"), None, str(err)
+    theirs = original.replay(package, folder / "original.npz")
+    try:
+        ours = _replay_ours(folder / "ours.npz")
+        return (ours, *_wait_for_original(theirs, folder / "original.npz"))
+    finally:
+        if theirs.poll() is None:  # ours failed or the original hangs
+            theirs.kill()
+            theirs.wait()
 
 
 def reference_for(name, theirs, stored=PUBLIC):
