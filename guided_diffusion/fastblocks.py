@@ -227,4 +227,4 @@ def resblock_forward(block, x, emb):
         h = out_conv(dropout(norm_act(out_norm, h, scale, shift)))
     else:
         h = norm_act(out_norm, h, scale, shift, conv=out_conv)
-    return _add(block.skip_connection(x), h, into=h)
+    return _add(h, block.skip_connection(x), into=h)

@@ -335,7 +335,8 @@ class ResBlock(TimestepBlock):
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        # h first: the sum takes the convolution's memory layout (channels-last stays so).
+        return h + self.skip_connection(x)
 
 
 class AttentionBlock(nn.Module):
