@@ -49,13 +49,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORIGINAL_PACKAGE = "guided-diffusion-sdk==1.0.0"
 
 CONFIGS = {
     # CPU-sized: the configuration of issue 8's measurements.
@@ -98,18 +96,15 @@ PEAK_TFLOPS = {
 
 
 def original_dir(cache):
-    """Folder holding the original `guided_diffusion` package, fetched once from PyPI."""
-    cache = Path(cache)
-    target = cache / "guided_diffusion_sdk-1.0.0"
-    if not (target / "guided_diffusion" / "gaussian_diffusion.py").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "-d", str(cache), ORIGINAL_PACKAGE],
-            check=True,
-        )
-        with tarfile.open(cache / "guided_diffusion_sdk-1.0.0.tar.gz") as tar:
-            tar.extractall(cache, filter="data")
+    """Folder holding the original `guided_diffusion` package, fetched once from PyPI
+    (by tests/golden/original.py, which the golden parity test uses too)."""
+    spec = importlib.util.spec_from_file_location("golden_original", ROOT / "tests" / "golden" / "original.py")
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    try:
+        target = original.fetch(cache)
+    except original.Unavailable as err:
+        raise SystemExit(f"{err}; pass --original_dir with a copy of the original package, or --impls ours")
     restore_upstream_attention_checkpointing(target / "guided_diffusion" / "unet.py")
     return target
 

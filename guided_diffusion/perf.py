@@ -163,9 +163,20 @@ def compile_module(module, device=None):
 def _inductor_keeping_aten_group_norm():
     """The Inductor backend less its decomposition of GroupNorm, which then runs as ATen's
     kernel; None where this torch's Inductor does not offer the pieces."""
+
+    def _contiguous_unless_4d(_fx_node, x, *args, **kwargs):
+        # The kernel takes its input contiguous in its suggested memory format, as eager
+        # group_norm hands it over; Inductor, left free, may pass an [N, C, T] strided
+        # view (an attention block's reshape of channels-last activations). 4-D and 5-D
+        # inputs keep Inductor's layout (contiguous or channels-last: both accepted,
+        # and forcing the eager strides would add copies).
+        if len(x.get_size()) < 4:
+            x = ir.ExternKernel.require_contiguous(x)
+        return (x, *args), kwargs
+
     try:
         import torch._functorch.config as functorch_config
-        from torch._inductor import lowering
+        from torch._inductor import ir, lowering
         from torch._inductor.compile_fx import compile_fx
         from torch._inductor.decomposition import select_decomp_table
 
@@ -175,7 +186,8 @@ def _inductor_keeping_aten_group_norm():
             # registered up front: with $CI set, Inductor refuses to create one for an
             # op that has a decomposition. Plain compiles decompose GroupNorm before
             # lowering, so they never reach it.
-            lowering.make_fallback(aten.native_group_norm.default, warn=False, override_decomp=True)
+            lowering.make_fallback(aten.native_group_norm.default, layout_constraint=_contiguous_unless_4d,
+                                   warn=False, override_decomp=True)
     except (ImportError, AttributeError, TypeError):
         return None
     kept = (aten.group_norm.default, aten.native_group_norm.default)

@@ -10,15 +10,21 @@ followed by an AttentionBlock at the resolutions listed in `attention_resolution
 given as downsampling factors) and a downsampling step; a middle ResBlock /
 AttentionBlock / ResBlock; the mirror-image decoder, which concatenates the
 matching encoder activation before each ResBlock; and a GroupNorm-SiLU-conv head.
+
+The blocks compute what the original computes, module by module; ResBlock,
+AttentionBlock and `attention` first ask guided_diffusion/fastblocks.py for a
+faster way to the same numbers (recomputation in training, in-place ops, fused
+attention kernels), which answers None where none applies.
 """
 
+import math
 from abc import abstractmethod
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fastpaths
+from . import fastblocks, fastpaths
 from .errors import usage
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
@@ -26,7 +32,6 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
-    group_norm_silu,
     linear,
     normalization,
     timestep_embedding,
@@ -38,119 +43,25 @@ from .nn import (
 
 
 def attention_reference(q, k, v):
-    """Softmax attention written out as in the original ADM code, for tests and debugging.
+    """Softmax attention as the original ADM code computes it.
 
     q, k, v: [N, C, T] (channels first, one row per head). Each of q and k is scaled
     by C^(-1/4) before the product (more stable in float16 than scaling the product),
-    the softmax runs in float32. Returns [N, C, T].
+    the softmax runs in float32 (and float64 weights are rounded through it, as in
+    the original). Returns [N, C, T]. The scale is the original's expression, equal
+    to C ** -0.25 in float32 but not always in float64.
     """
-    scale = q.shape[1] ** -0.25
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("nct,ncs->nts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
     return torch.einsum("nts,ncs->nct", weight, v)
 
 
-def attention_sdpa(q, k, v):
-    """The same attention as `attention_reference`, via `scaled_dot_product_attention`.
-
-    Its default scale 1/sqrt(C) equals the reference's C^(-1/4) on q and k each; GPUs
-    get the flash / memory-efficient kernels. Same shapes as `attention_reference`.
-    """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def attention_bmm(q, k, v):
-    """The same attention as `attention_reference`, as two batched matmuls with one scale.
-
-    What the CPU runs: SDPA's CPU path for these 3-D tensors is its generic one, with
-    extra masking passes and copies, and the original's einsums scale both q and k;
-    this scales q alone, by C^(-1/2) (the [C, T] operand is smaller than the [T, T]
-    product). Same shapes as `attention_reference`; the softmax runs in q's dtype.
-
-    The second product is taken as weights @ v^T, a [N, T, C] result returned as a
-    transposed view: then the gradient that reaches the softmax in training is
-    contiguous, where v @ weights^T would hand it over transposed and the softmax
-    backward would first copy the whole [N, T, T] tensor.
-    """
-    weight = torch.bmm((q * q.shape[1] ** -0.5).transpose(1, 2), k)
-    return torch.bmm(torch.softmax(weight, dim=-1), v.transpose(1, 2)).transpose(1, 2)
-
-
-class _AttentionRecomputingWeights(torch.autograd.Function):
-    """`attention_bmm` that keeps only q, k, v for the backward pass.
-
-    The [N, T, T] softmax weights, by far the largest activation of an attention
-    block, are recomputed in the backward pass with the same kernels, so outputs and
-    gradients equal those of the plain `attention_bmm` bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        ctx.save_for_backward(q, k, v)
-        return attention_bmm(q, k, v)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out = attention_bmm(*inputs)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad))
-        return tuple(next(grads) if t.requires_grad else None for t in inputs)
-
-
-def attention_recomputing_weights(q, k, v):
-    """`attention_bmm`, storing q, k, v instead of the [T, T] weights for the backward pass."""
-    return _AttentionRecomputingWeights.apply(q, k, v)
-
-
-def _recomputing(device_type):
-    """Whether the ``recompute`` fast path applies now: a gradient is being recorded,
-    outside torch.compile (which plans its own recomputation) and autocast (whose
-    backward pass would recompute in another dtype)."""
-    return (
-        fastpaths.enabled("recompute")
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(device_type)
-    )
-
-
-def _recompute_weights(q):
-    """Whether training attention should recompute its [T, T] weights (fast path ``recompute``).
-
-    Per head, an attention block trained module by module stores about seven [C, T]
-    tensors besides the weights (the norm's input and output, q/k/v, the scaled q, the
-    output before its projection). The weights are recomputed only where they are more
-    than twice all of that together, T > 14C: there the recomputation (a second q.k
-    product and softmax) buys most of the block's memory; below it, it would cost
-    ~2% of a training step for a modest saving.
-    """
-    channels, length = q.shape[1:]
-    return length > 14 * channels and _recomputing(q.device.type)
-
-
 def attention(q, k, v):
-    """The attention used by the blocks.
-
-    GPUs: `attention_sdpa` (flash / memory-efficient kernels). CPU: `attention_bmm`
-    for float32 (fast path ``cpu_attention``; in training `attention_recomputing_weights`,
-    fast path ``recompute``), and `attention_reference` for float16, which rounds the
-    logits and weights to float16 like the original (SDPA skips those roundings and
-    drifts measurably from the original's fp16 training). With the ``sdpa`` fast path
-    off, `attention_reference` everywhere.
-    """
-    if not fastpaths.enabled("sdpa"):
-        return attention_reference(q, k, v)
-    if q.device.type == "cpu":
-        if q.dtype == torch.float16:
-            return attention_reference(q, k, v)
-        if fastpaths.enabled("cpu_attention") and q.dtype in (torch.float32, torch.float64):
-            if _recompute_weights(q):
-                return attention_recomputing_weights(q, k, v)
-            return attention_bmm(q, k, v)
-    return attention_sdpa(q, k, v)
+    """Softmax attention over [N, C, T] heads: `attention_reference`, or a kernel that gives
+    its numbers (within float rounding on GPUs) where `fastblocks.attention` has one."""
+    fast = fastblocks.attention(q, k, v, attention_reference)
+    return attention_reference(q, k, v) if fast is None else fast
 
 
 def count_flops_attn(model, _x, y):
@@ -179,6 +90,8 @@ class QKVAttentionLegacy(nn.Module):
     This is the channel order of the original ADM / improved-diffusion checkpoints.
     """
 
+    split_heads_first = True  # qkv channels ordered (head, q/k/v, channel); read by the token-major fast path
+
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
@@ -196,6 +109,8 @@ class QKVAttentionLegacy(nn.Module):
 
 class QKVAttention(nn.Module):
     """Multi-head attention on a [B, 3*H*C, T] qkv tensor split into q, k, v first, then into heads."""
+
+    split_heads_first = False  # qkv channels ordered (q/k/v, head, channel); read by the token-major fast path
 
     def __init__(self, n_heads):
         super().__init__()
@@ -332,36 +247,6 @@ def _check_channels(x, expected, where):
         raise ValueError(f"{where} expects {expected} input channels but got a tensor of shape {tuple(x.shape)}.")
 
 
-def output_is_private(modules):
-    """Whether the output the ``modules`` returned may be overwritten in place by their caller.
-
-    Only when the ``inplace`` fast path is on and no forward hook (on any of them, or
-    global) has seen the output: feature-extraction code that hooks a layer must find
-    exactly what the layer returned. Autograd never needs a convolution's output, so
-    overwriting one is safe for gradients.
-    """
-    return (
-        fastpaths.enabled("inplace")
-        and not any(m._forward_hooks for m in modules)
-        and not nn.modules.module._global_forward_hooks
-    )
-
-
-def _hooked(*modules):
-    """Whether any of ``modules`` has a forward (pre-)hook, or a global one exists: then a
-    fast path that regroups their calls must step aside so that every hook fires."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
-        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    )
-
-
-def _add(fresh, other, owners):
-    """``fresh + other``, written into ``fresh`` (what ``owners`` returned) when that is private."""
-    if output_is_private(owners):
-        return fresh.add_(other)
-    return fresh + other
-
-
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding, optionally changing size and width.
 
@@ -397,10 +282,9 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         out_ch = self.out_channels
 
-        in_norm = normalization(channels)
         self.in_layers = nn.Sequential(
-            in_norm,
-            SiLU().follows(in_norm),
+            normalization(channels),
+            SiLU(),
             conv_nd(dims, channels, out_ch, 3, padding=1),
         )
         self.updown = up or down
@@ -416,10 +300,9 @@ class ResBlock(TimestepBlock):
             SiLU(),
             linear(emb_channels, 2 * out_ch if use_scale_shift_norm else out_ch),
         )
-        out_norm = normalization(out_ch)
         self.out_layers = nn.Sequential(
-            out_norm,
-            SiLU().follows(out_norm),
+            normalization(out_ch),
+            SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, out_ch, out_ch, 3, padding=1)),
         )
@@ -435,73 +318,25 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x, emb):
-        if self._recompute_norms():
-            return self._forward_recomputing_norms(x, emb)
+        fast = fastblocks.resblock_forward(self, x, emb)
+        if fast is not None:
+            return fast
         if self.updown:
             h = self.in_layers[:-1](x)
             h = self.in_layers[-1](self.h_upd(h))
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self._emb_out(emb, h)
-        if self.use_scale_shift_norm:
-            h = self.out_layers[2:](self._modulate(h, *emb_out.chunk(2, dim=1)))
-        else:
-            owners = (self.in_layers[-1],) if self.updown else (self.in_layers, self.in_layers[-1])
-            h = self.out_layers(_add(h, emb_out, owners))
-            return _add(h, self.skip_connection(x), (self.out_layers, self.out_layers[-1]))
-        return _add(h, self.skip_connection(x), (self.out_layers[-1],))
-
-    def _emb_out(self, emb, h):
         emb_out = self.emb_layers(emb).to(h.dtype)
-        return emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
-
-    def _modulate(self, h, scale, shift):
-        """SiLU(norm(h) * (1 + scale) + shift): the AdaGN step of `use_scale_shift_norm`."""
-        h = (self.out_layers[0](h) * (1 + scale)).add_(shift)  # a fresh product: ours to change
-        return self.out_layers[1](h)
-
-    def _recompute_norms(self):
-        """Whether to recompute the normalisation / SiLU outputs in the backward pass (fast path
-        ``recompute``, see `_recomputing`): not with `use_checkpoint` (which recomputes
-        everything), nor with a forward hook on the layers whose calls
-        `_forward_recomputing_norms` regroups.
-        """
-        if self.use_checkpoint or not _recomputing(self.in_layers[0].weight.device.type):
-            return False
-        return not _hooked(self.in_layers, *self.in_layers, self.out_layers, *self.out_layers)
-
-    def _forward_recomputing_norms(self, x, emb):
-        """`_forward` for training: the same operations, but each GroupNorm-SiLU pair, with the
-        convolution after it, keeps only its input for the backward pass and recomputes the
-        normalised and activated tensors there (`group_norm_silu`), instead of storing two
-        or three more activation-sized tensors. Same numbers and gradients bit for bit;
-        less memory for a little more time.
-        """
-        if self.updown:
-            h = group_norm_silu(self.in_layers[0], x)
-            h = self.in_layers[:2](x) if h is None else h
-            h = self.in_layers[2](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = group_norm_silu(self.in_layers[0], x, conv=self.in_layers[2])
-            h = self.in_layers(x) if h is None else h
-        emb_out = self._emb_out(emb, h)
-        scale = shift = None
+        emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
         else:
-            h = _add(h, emb_out, (self.in_layers[2],))
-        dropout = self.out_layers[2]
-        # The convolution joins the recomputed op unless a dropout mask sits between them.
-        conv = None if dropout.training and dropout.p > 0 else self.out_layers[3]
-        out = group_norm_silu(self.out_layers[0], h, scale, shift, conv=conv)
-        if out is None:
-            out = self._modulate(h, scale, shift) if scale is not None else self.out_layers[:2](h)
-            conv = None
-        if conv is None:
-            out = self.out_layers[2:](out)
-        return _add(out, self.skip_connection(x), (self.out_layers[-1],))
+            h = self.out_layers(h + emb_out)
+        # h first: the sum takes the convolution's memory layout (channels-last stays so).
+        return h + self.skip_connection(x)
 
 
 class AttentionBlock(nn.Module):
@@ -550,61 +385,13 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x):
-        if self._use_token_layout(x):
-            return self._forward_tokens(x)
+        fast = fastblocks.attention_block_forward(self, x)
+        if fast is not None:
+            return fast
         batch, channels, *spatial = x.shape
         x = x.reshape(batch, channels, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return _add(h, x, (self.proj_out,)).reshape(batch, channels, *spatial)
-
-    def _use_token_layout(self, x):
-        """Whether `_forward_tokens` may stand in for the module-by-module forward.
-
-        Only with the ``token_attention`` and ``sdpa`` fast paths on, for the two
-        stock attention modules, and when no forward hook would miss the calls it
-        skips (``qkv``, ``attention`` and ``proj_out`` are not called as modules).
-        On CPU only where no gradient is recorded: CPU training keeps the original's
-        [N, C, T] roundings (Adam magnifies rounding differences in tiny gradients) and
-        saves its memory with `attention_recomputing_weights` instead. Float16 on CPU
-        keeps the original's float16 roundings (`attention_reference`).
-        """
-        if not (fastpaths.enabled("token_attention") and fastpaths.enabled("sdpa")):
-            return False
-        if x.device.type == "cpu" and (
-            torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64, torch.bfloat16)
-        ):
-            return False
-        if type(self.attention) not in (QKVAttention, QKVAttentionLegacy):
-            return False
-        return not _hooked(self.qkv, self.attention, self.proj_out)
-
-    def _forward_tokens(self, x):
-        """The same block on token-major tensors: [N, T, C] activations, [N, heads, T, C/heads] heads.
-
-        The 1x1 projections become matrix products over the channel axis and the
-        attention runs in `scaled_dot_product_attention`'s fused kernels, which never
-        store the [T, T] weights for the backward pass. Channels-last inputs need no
-        copy at all; for contiguous (NCHW) inputs the residual add writes the result
-        back in x's layout.
-        Equal to the module-by-module forward up to float rounding.
-        """
-        batch, channels, *spatial = x.shape
-        heads = self.attention.n_heads
-        width = channels // heads
-        h = self.norm(x).flatten(2).transpose(1, 2)  # [N, T, C]; a view for channels-last x
-        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)  # [N, T, 3C]
-        length = qkv.shape[1]
-        if isinstance(self.attention, QKVAttentionLegacy):  # channels ordered (head, q/k/v, c)
-            q, k, v = qkv.view(batch, length, heads, 3, width).unbind(3)
-        else:  # channels ordered (q/k/v, head, c)
-            q, k, v = qkv.view(batch, length, 3, heads, width).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(batch, length, channels)  # channel = head * width + c
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        out = out.transpose(1, 2).reshape(batch, channels, *spatial)  # a channels-last view
-        if out.stride() == x.stride():
-            return out.add_(x)
-        return x + out  # the first operand sets the layout of the sum: x's
+        return (x + h).reshape(batch, channels, *spatial)
 
 
 # ---------------------------------------------------------------------------
@@ -790,10 +577,9 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        out_norm = normalization(ch)
         self.out = nn.Sequential(
-            out_norm,
-            SiLU().follows(out_norm),
+            normalization(ch),
+            SiLU(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from guided_diffusion import fastblocks, fastpaths, kernels, perf, script_util
 from guided_diffusion import nn as gnn
-from guided_diffusion import fastpaths, perf, script_util
 from guided_diffusion import unet as U
 from guided_diffusion.train_util import _adamw_speed_options
 
@@ -93,12 +93,13 @@ def test_allocator_tuning_is_applied_once_and_reports_it():
 # --------------------------------------------------------------------- same numbers
 
 
-def test_cpu_attention_matches_the_original_formula():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_attention_is_the_original_formula_bit_for_bit(dtype):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(6, 16, 64, generator=gen) for _ in range(3))
-    exact = U.attention_reference(q.double(), k.double(), v.double())
-    for fn in (U.attention_bmm, U.attention_reference, U.attention_sdpa):
-        assert (fn(q, k, v).double() - exact).abs().max() < 1e-6, fn.__name__
+    q, k, v = (torch.randn(6, 32, 64, generator=gen, dtype=dtype) for _ in range(3))
+    assert torch.equal(U.attention(q, k, v), U.attention_reference(q, k, v))
+    with perf.disabled("cpu_attention"):  # SDPA instead: the same values, another rounding
+        torch.testing.assert_close(U.attention(q, k, v), U.attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
@@ -112,9 +113,16 @@ def test_unet_forward_is_the_same_with_every_fast_path_off(use_new_attention_ord
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_inplace_adds_and_activations_change_no_bit():
-    model = tiny_unet(use_scale_shift_norm=False).eval()
+@pytest.mark.parametrize("kw", [dict(use_scale_shift_norm=False), dict(use_scale_shift_norm=True, resblock_updown=True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_adds_and_activations_change_no_bit(kw, channels_last):
+    """Also in channels-last, where a sum's memory layout (which the next convolution's
+    rounding depends on) follows its operands."""
+    model = tiny_unet(**kw).eval()
     x, t = inputs()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fast = model(x, t)
         with perf.disabled("inplace"):
@@ -158,6 +166,7 @@ def test_ddim_samples_are_the_same_with_every_fast_path_off():
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_token_major_attention_block_matches_the_module_by_module_forward(use_new_attention_order, channels_last):
+    """The token-major path (GPUs, and CPU bfloat16 sampling) checked in float32 on CPU."""
     torch.manual_seed(0)
     block = U.AttentionBlock(64, num_heads=4, use_new_attention_order=use_new_attention_order).eval()
     torch.nn.init.normal_(block.proj_out.weight, std=0.1)  # not zero: the attention must count
@@ -165,31 +174,41 @@ def test_token_major_attention_block_matches_the_module_by_module_forward(use_ne
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert block._use_token_layout(x)
-        fast = block(x)
-        with perf.disabled("token_attention"):
-            assert not block._use_token_layout(x)
-            plain = block(x)
+        fast = fastblocks._attention_block_tokens(block, x)
+        plain = block(x)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     assert (fast - x).abs().max() > 0.1  # the block did change x
     # The output keeps the input's memory layout.
     assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_token_major_attention_is_for_sampling_on_cpu_and_steps_aside_for_hooks():
+def test_token_major_attention_is_for_bfloat16_sampling_on_cpu_and_steps_aside_for_hooks():
     block = U.AttentionBlock(64, num_heads=2)
     x = torch.randn(2, 64, 4, 4)
     with torch.no_grad():
-        assert block._use_token_layout(x)
-        assert not block._use_token_layout(x.half())  # CPU float16 keeps the original's roundings
-    assert not block._use_token_layout(x)  # CPU training keeps the [N, C, T] path
+        assert fastblocks._token_layout(block, x.bfloat16())
+        for dtype in (torch.float16, torch.float32, torch.float64):  # the original's roundings
+            assert not fastblocks._token_layout(block, x.to(dtype)), dtype
+    assert not fastblocks._token_layout(block, x.bfloat16())  # CPU training keeps the [N, C, T] path
     seen = []
     handle = block.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    with torch.no_grad():
-        assert not block._use_token_layout(x)
-        block(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x.bfloat16())
     handle.remove()
     assert seen == [torch.Size([2, 192, 16])]
+
+
+def test_token_major_attention_skips_subclassed_attention_modules():
+    class Doubled(U.QKVAttention):
+        def forward(self, qkv):
+            return 2 * super().forward(qkv)
+
+    block = U.AttentionBlock(64, num_heads=2, use_new_attention_order=True)
+    x = torch.randn(2, 64, 4, 4).bfloat16()
+    with torch.no_grad():
+        assert fastblocks._token_layout(block, x)
+        block.attention = Doubled(2)
+        assert not fastblocks._token_layout(block, x)
 
 
 def _saved_bytes(fn):
@@ -263,25 +282,25 @@ def test_recomputation_steps_aside_under_bf16_autocast():
     with perf.disabled("recompute"):
         plain = grads()
     assert all(torch.equal(a, b) for a, b in zip(fast, plain))
-    assert gnn.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is not None
+    assert kernels.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gnn.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is None
+        assert kernels.group_norm_silu(gnn.normalization(32), torch.randn(1, 32, 2, 2)) is None
 
 
 def test_group_norm_silu_falls_back_where_it_cannot_match_the_plain_layers():
     norm = gnn.normalization(32)
     x = torch.randn(2, 32, 4, 4)
-    assert gnn.group_norm_silu(norm, x.double()) is None
-    assert gnn.group_norm_silu(norm, x.transpose(2, 3)) is None  # neither NCHW nor channels-last
-    out = gnn.group_norm_silu(norm, x)
+    assert kernels.group_norm_silu(norm, x.double()) is None
+    assert kernels.group_norm_silu(norm, x.transpose(2, 3)) is None  # neither NCHW nor channels-last
+    out = kernels.group_norm_silu(norm, x)
     torch.testing.assert_close(out, torch.nn.functional.silu(norm(x)), rtol=0, atol=0)
 
 
-def test_attention_recomputing_weights_matches_bmm_attention_bit_for_bit():
+def test_attention_recomputing_its_weights_matches_the_formula_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 8, 32, generator=gen) for _ in range(3))
     grads = []
-    for fn in (U.attention_recomputing_weights, U.attention_bmm):
+    for fn in (lambda *qkv: kernels.recomputing(U.attention_reference, *qkv), U.attention_reference):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
         out.backward(torch.ones_like(out) * torch.arange(32.0))
@@ -293,8 +312,8 @@ def test_attention_recomputing_weights_matches_bmm_attention_bit_for_bit():
 def test_attention_weights_are_recomputed_in_a_model_only_for_long_sequences(monkeypatch, num_heads, recomputed):
     """8x8 attention (T = 64) over 64 channels: 16 heads of 4 channels have T > 14C, 2 heads of 32 do not."""
     calls = []
-    original = U.attention_recomputing_weights
-    monkeypatch.setattr(U, "attention_recomputing_weights", lambda *a: calls.append(1) or original(*a))
+    original = kernels.recomputing
+    monkeypatch.setattr(kernels, "recomputing", lambda *a: calls.append(1) or original(*a))
     model = tiny_unet(num_heads=num_heads)
     x, t = inputs()
     fast = _loss_grads(model, x, t)
