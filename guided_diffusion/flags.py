@@ -163,6 +163,9 @@ FLAG_HELP = {
     "out_channels": "model output channels; -1: in_channels, doubled when learn_sigma",
     "num_classes": "number of class labels when class_cond is set",
     "preset": "flag set of a released checkpoint (see guided_diffusion.presets)",
+    "class_dropout_prob": "share of class labels replaced by the null label -1 in training, so the model "
+                          "also learns the unconditional case for classifier-free guidance (0: the original's "
+                          "training)",
 }
 
 

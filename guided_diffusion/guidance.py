@@ -86,7 +86,9 @@ class ClassifierFreeGuidance:
         """The conditional model's parameters (the samplers read the device from them)."""
         return self.model.parameters()
 
-    def __call__(self, x, timesteps, **model_kwargs):
+    def __call__(self, x, timesteps, y=None, **model_kwargs):
+        if y is not None:
+            model_kwargs["y"] = y
         if self.scale == 0:
             return self.model(x, timesteps, **model_kwargs)
         guided = self._guided_rows(timesteps, x.shape[0])

@@ -24,12 +24,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, dist_util, logger, perf, solvers
+from . import checkpoints, dist_util, guidance, logger, perf, presets, solvers
 from .errors import UsageError
 from .outputs import save_samples, to_uint8_images
 from .respace import space_timesteps
 from .sample_util import derived_seed, resolve_seed, sample_in_batches
-from .script_util import NUM_CLASSES, str2bool
+from .script_util import NUM_CLASSES, flags_json, str2bool
 
 
 # --------------------------------------------------------------------------- flags
@@ -54,6 +54,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
         "(--timestep_respacing 50), no noise after the start; not with --use_ddim (default: False)",
     )
     add_solver_flags(parser)
+    add_guidance_flags(parser)
     perf.add_perf_flags(parser)
     if class_choice:
         parser.add_argument(
@@ -86,6 +87,72 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
                        help="order of unipc (1-3, default 2) or ipndm (1-4, default 4)")
 
 
+def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    """``--cfg_scale``, ``--cfg_interval`` and ``--guide_model_path`` (classifier-free guidance)."""
+    group = parser.add_argument_group("classifier-free guidance (guided_diffusion.guidance.classifier_free)")
+    group.add_argument(
+        "--cfg_scale", type=float, default=0.0,
+        help="eps = eps_c + scale * (eps_c - eps_u); 0 (default) is plain conditional sampling. The model "
+        "must have been trained with --class_dropout_prob, or give --guide_model_path",
+    )
+    group.add_argument(
+        "--cfg_interval", type=str, default="",
+        help="LO,HI: guide only at timesteps LO <= t <= HI of the model's chain (default: everywhere)",
+    )
+    group.add_argument(
+        "--guide_model_path", type=str, default="",
+        help="the guide's checkpoint: an unconditional model (gets no labels) or a weaker checkpoint of the "
+        "same model (autoguidance); default: the model itself with the null label",
+    )
+    group.add_argument(
+        "--guide_preset", type=str, default="",
+        help="the guide's flags when no config.json lies beside its checkpoint (default: the model's flags)",
+    )
+
+
+def parse_interval(text: str) -> Optional[tuple]:
+    """``"LO,HI"`` -> (LO, HI); empty -> None."""
+    if not text:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--cfg_interval {text!r}: give two timesteps LO,HI, e.g. --cfg_interval 100,700") from None
+    if low > high:
+        raise UsageError(f"--cfg_interval {text!r}: LO must not exceed HI, e.g. --cfg_interval 100,700")
+    return low, high
+
+
+def guided_model(model_fn: Callable, args: argparse.Namespace, diffusion, *, model_flags: dict,
+                 build: Callable) -> Callable:
+    """``model_fn`` wrapped for ``--cfg_scale`` (itself when the scale is 0 and no guide is given).
+
+    ``build(**flags)`` returns (model, diffusion) for the guide's flags: ``model_flags``
+    updated by the config beside ``--guide_model_path`` or by ``--guide_preset``.
+    """
+    if not args.cfg_scale:
+        return model_fn
+    interval = parse_interval(args.cfg_interval)
+    guide = None
+    if args.guide_model_path:
+        flags = dict(model_flags)
+        saved = checkpoints.find_config(args.guide_model_path) or {}
+        if args.guide_preset:
+            saved = presets.preset_flags(args.guide_preset)
+        flags.update({k: v for k, v in saved.items() if k in flags})
+        network, _ = build(**flags)
+        prepare_model(network, args.guide_model_path, flag="guide_model_path", flags=flags,
+                      use_fp16=flags.get("use_fp16", False))
+        guide = perf.inference_model(network, args, dist_util.dev())
+    elif not model_flags.get("class_cond"):
+        raise UsageError(
+            "--cfg_scale with an unconditional model needs a guide: pass --guide_model_path (or drop --cfg_scale)"
+        )
+    scale = 1000.0 / diffusion.model_schedule.num_timesteps if diffusion.rescale_timesteps else 1.0
+    return guidance.classifier_free(model_fn, args.cfg_scale, uncond_model=guide, interval=interval,
+                                    timestep_scale=scale)
+
+
 _SOLVER_OPTIONS = {
     "eta": "noise scale of ddim (default 0), euler_a and dpmpp_2m_sde (default 1)",
     "s_churn": "heun: EDM's stochastic churn S_churn (default 0: deterministic)",
@@ -94,6 +161,8 @@ _SOLVER_OPTIONS = {
     "s_noise": "heun, dpmpp_2m_sde: scale of the fresh noise (default 1)",
     "dynamic_threshold": "percentile p in (0, 1) for Imagen's dynamic thresholding of x_0 (e.g. 0.995), "
                          "for large guidance scales",
+    "sigma_max": "start the solver's grid at this noise level (default: 80 with the solver's default spacing, "
+                 "else the chain's top; see solvers.timesteps)",
 }
 
 
@@ -227,6 +296,7 @@ def generate_and_save(
     check_positive("batch_size", args.batch_size, 16)
     rank, world = dist_util.rank_and_world()
     seed = resolve_seed(args.seed)
+    logger.log(f"flags: {flags_json(args)}")
     logger.log(f"sampling {args.num_samples} images with seed {seed} on {world} process(es)")
     sample_loop = pick_sample_loop(diffusion, args)
     channels, height, width = image_shape

@@ -368,6 +368,8 @@ class TrainLoop:
         compile=False,              # torch.compile the network for the forward/backward passes
         use_bf16=False,             # bfloat16 autocast around the forward pass (not with use_fp16)
         fused_adam=False,           # fused AdamW kernel (CPU or GPU; rounds differently from the original)
+        class_dropout_prob=0.0,     # share of labels replaced by the null label -1 (classifier-free guidance)
+        seed=0,                     # seeds the label dropout (with the step, rank and microbatch)
     ):
         self.model = model
         self.diffusion = diffusion
@@ -386,6 +388,12 @@ class TrainLoop:
         self.max_steps = max_steps
         self.restore_data_position = restore_data_position
         self.use_bf16 = use_bf16
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise usage(ValueError(
+                f"--class_dropout_prob must be in [0, 1), e.g. 0.1 for classifier-free guidance; got {class_dropout_prob}"
+            ))
+        self.class_dropout_prob = class_dropout_prob
+        self.seed = seed
         perf.check_flags(_Flags(use_bf16=use_bf16, use_fp16=use_fp16), dist_util.dev())
         if log_interval <= 0 or save_interval <= 0:
             raise usage(ValueError(
@@ -551,6 +559,8 @@ class TrainLoop:
             micro = batch[i : i + self.microbatch].to(dist_util.dev(), non_blocking=True)
             micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev(), non_blocking=True)
                           for k, v in cond.items()}
+            if self.class_dropout_prob > 0 and "y" in micro_cond:
+                micro_cond["y"] = self._drop_labels(micro_cond["y"], i)
             last_batch = (i + self.microbatch) >= batch.shape[0]
             t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
             sync = contextlib.nullcontext() if last_batch or not self.use_ddp else self.ddp_model.no_sync()
@@ -566,6 +576,15 @@ class TrainLoop:
             if checked:
                 self._check_finite(host[0], loss)
             self.mp_trainer.backward(loss)
+
+    def _drop_labels(self, labels, offset):
+        """``labels`` with each replaced by the null label -1 with probability ``class_dropout_prob``
+        (Ho & Salimans 2022). The draw comes from a generator seeded by (seed, global step, rank,
+        microbatch offset), so an exact resume repeats it without saving any state."""
+        key = ((self.seed * 1_000_003 + self._global_step()) * 65_537 + dist_util.get_rank()) * 8_191 + offset
+        generator = torch.Generator().manual_seed(key % 2**63)
+        dropped = torch.rand(labels.shape[0], generator=generator) < self.class_dropout_prob
+        return labels.masked_fill(dropped.to(labels.device), -1)
 
     def _loss_to_check(self, loss):
         value = loss.detach().float()
@@ -699,6 +718,8 @@ def train_loop_from_args(args, *, model, diffusion, data, schedule_sampler):
         compile=args.compile,
         use_bf16=args.use_bf16,
         fused_adam=args.fused_adam,
+        class_dropout_prob=args.class_dropout_prob,
+        seed=args.seed,
     )
 
 
@@ -712,6 +733,7 @@ def training_extra_defaults():
         random_flip=True,        # mirror half of the training images
         skip_bad_images=False,   # skip unreadable images with a warning instead of stopping
         exact_resume=True,       # on resume, fast-forward the data stream to where the run stopped
+        class_dropout_prob=0.0,  # train for classifier-free guidance: this share of labels becomes -1
     )
 
 

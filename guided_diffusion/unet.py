@@ -504,7 +504,9 @@ class UNetModel(nn.Module):
 
     forward(x, timesteps, y=None): x [N, in_channels, *spatial], timesteps [N] (int or
     float), y [N] int64 labels when `num_classes` is set; returns [N, out_channels, *spatial]
-    in x's dtype.
+    in x's dtype. A label of -1 is the null label: that row gets no class embedding, its
+    unconditional prediction for classifier-free guidance. It adds no parameter, so
+    `label_emb.weight` keeps the original's shape [num_classes, 4 * model_channels].
     """
 
     def __init__(
@@ -618,7 +620,7 @@ class UNetModel(nn.Module):
                 raise ValueError(
                     f"labels y must have shape [{x.shape[0]}] (one int per image), got {tuple(y.shape)}."
                 )
-            emb = emb + self.label_emb(y)
+            emb = emb + self._class_embedding(y)
 
         h = x.to(self._torso_dtype())
         skips = []
@@ -630,6 +632,18 @@ class UNetModel(nn.Module):
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
         head = self.out[-1].weight.dtype
         return self.out(h.to(head)).to(x.dtype)
+
+
+    def _class_embedding(self, y):
+        """label_emb(y), and zeros for rows with the null label -1 (exactly label_emb(y) without any)."""
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < -1 or int(y.max()) >= self.num_classes):
+            raise ValueError(
+                f"class labels must lie in 0..{self.num_classes - 1}, or be -1 for no class (classifier-free "
+                f"guidance); got values in [{int(y.min())}, {int(y.max())}]."
+            )
+        known = y >= 0
+        embedding = self.label_emb(y.clamp(min=0))
+        return torch.where(known[:, None], embedding, torch.zeros((), dtype=embedding.dtype, device=y.device))
 
 
 class SuperResModel(UNetModel):

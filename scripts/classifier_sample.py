@@ -86,7 +86,10 @@ def main(argv=None):
     )
     cond_fn = guidance.classifier_cond_fn(classifier, args.classifier_scale)
 
-    network = perf.inference_model(model, args, dist_util.dev())
+    network = sampling_cli.guided_model(
+        perf.inference_model(model, args, dist_util.dev()), args, diffusion, model_flags=model_flags,
+        build=create_model_and_diffusion,
+    )
 
     def model_fn(x, t, y=None):
         # The labels reach the diffusion model only when it was trained with them.

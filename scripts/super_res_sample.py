@@ -88,7 +88,10 @@ def main(argv=None):
     path = sampling_cli.generate_and_save(
         args,
         diffusion=diffusion,
-        model_fn=perf.inference_model(model, args, dist_util.dev()),
+        model_fn=sampling_cli.guided_model(
+            perf.inference_model(model, args, dist_util.dev()), args, diffusion, model_flags=model_flags,
+            build=sr_create_model_and_diffusion,
+        ),
         image_shape=(channels, args.large_size, args.large_size),
         conditioning=conditioning,
         with_labels=args.class_cond,

@@ -316,6 +316,60 @@ def test_solver_flags_that_cannot_work_are_refused(ckpt, scripts, tmp_path, extr
         )
 
 
+# ------------------------------------------------------------------ classifier-free guidance
+
+
+@pytest.mark.parametrize("loop", [STEPS, ["--use_ddim", "True", "--timestep_respacing", "ddim4"],
+                                  ["--sampler", "unipc", "--steps", "4"]], ids=["ddpm", "ddim", "unipc"])
+def test_cfg_scale_zero_is_bit_identical_to_no_guidance(ckpt, scripts, tmp_path, loop):
+    common = ["--model_path", ckpt["cond"], "--num_samples", "3", "--batch_size", "2", *loop, "--seed", "4"]
+    plain = _load(scripts["image_sample"].main([*common, "--log_dir", str(tmp_path / "a")]))
+    zero = _load(scripts["image_sample"].main([*common, "--cfg_scale", "0", "--log_dir", str(tmp_path / "b")]))
+    np.testing.assert_array_equal(zero["arr_0"], plain["arr_0"])
+
+
+def test_cfg_guides_and_an_interval_outside_the_chain_leaves_the_samples_alone(ckpt, scripts, tmp_path):
+    common = ["--model_path", ckpt["cond"], "--num_samples", "3", "--batch_size", "2", *STEPS, "--seed", "4"]
+    plain = _load(scripts["image_sample"].main([*common, "--log_dir", str(tmp_path / "a")]))
+    guided = _load(scripts["image_sample"].main([*common, "--cfg_scale", "3", "--log_dir", str(tmp_path / "b")]))
+    never = _load(scripts["image_sample"].main(
+        [*common, "--cfg_scale", "3", "--cfg_interval", "500,600", "--log_dir", str(tmp_path / "c")]))
+    assert not np.array_equal(guided["arr_0"], plain["arr_0"])
+    np.testing.assert_array_equal(never["arr_0"], plain["arr_0"])
+    assert '"cfg_scale": 3.0' in (tmp_path / "b" / "log.txt").read_text()  # the flags are in the run's log
+
+
+def test_cfg_with_a_guide_model_and_classifier_guidance_in_one_run(ckpt, scripts, tmp_path):
+    argv = _classifier_argv(ckpt, tmp_path / "g", "--classifier_scale", "2", "--cfg_scale", "1.5",
+                            "--guide_model_path", ckpt["uncond"])
+    both = _load(scripts["classifier_sample"].main(argv))
+    only = _load(scripts["classifier_sample"].main(
+        _classifier_argv(ckpt, tmp_path / "c", "--classifier_scale", "2")))
+    assert both["arr_0"].shape == (4, 8, 8, 3)
+    np.testing.assert_array_equal(both["arr_1"], only["arr_1"])
+    assert not np.array_equal(both["arr_0"], only["arr_0"])
+
+
+def test_super_res_with_cfg(ckpt, scripts, tmp_path):
+    base_path = tmp_path / "base.npz"
+    np.savez(base_path, np.random.RandomState(2).randint(0, 256, size=(2, 8, 8, 3)).astype(np.uint8))
+    argv = ["--model_path", ckpt["sr"], "--base_samples", str(base_path), "--num_samples", "2", "--batch_size", "2",
+            *STEPS, "--seed", "0", "--cfg_scale", "1", "--guide_model_path", ckpt["sr"]]
+    path = scripts["super_res_sample"].main([*argv, "--log_dir", str(tmp_path / "out")])
+    assert _load(path)["arr_0"].shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cfg_scale", "2"], "--cfg_scale with an unconditional model needs a guide"),
+    (["--cfg_scale", "2", "--cfg_interval", "7"], "--cfg_interval '7': give two timesteps LO,HI"),
+])
+def test_cfg_flags_that_cannot_work_are_refused(ckpt, scripts, tmp_path, extra, message):
+    model = ckpt["cond"] if "--cfg_interval" in extra else ckpt["uncond"]
+    with pytest.raises(UsageError, match=message):
+        scripts["image_sample"].main(["--model_path", model, "--num_samples", "1", *STEPS, *extra,
+                                      "--log_dir", str(tmp_path)])
+
+
 # ------------------------------------------------------------------ errors
 
 

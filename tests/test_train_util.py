@@ -14,14 +14,19 @@ from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 torch.set_num_threads(1)
 
 
-def tiny_model():
+def tiny_model(num_classes=None):
     torch.manual_seed(0)
-    return create_model(8, 32, 1, channel_mult="1", attention_resolutions="8", num_heads=2, learn_sigma=True, dropout=0.1)
+    return create_model(8, 32, 1, channel_mult="1", attention_resolutions="8", num_heads=2, learn_sigma=True,
+                        dropout=0.1, class_cond=num_classes is not None, num_classes=num_classes or 1000)
 
 
-def fixed_batches(n=3, batch=2, seed=0):
+def fixed_batches(n=3, batch=2, seed=0, num_classes=None):
     rs = np.random.RandomState(seed)
-    batches = [(torch.from_numpy(rs.uniform(-1, 1, (batch, 3, 8, 8)).astype(np.float32)), {}) for _ in range(n)]
+
+    def cond():
+        return {} if num_classes is None else {"y": torch.from_numpy(rs.randint(0, num_classes, batch))}
+
+    batches = [(torch.from_numpy(rs.uniform(-1, 1, (batch, 3, 8, 8)).astype(np.float32)), cond()) for _ in range(n)]
 
     def gen():
         i = 0
@@ -32,12 +37,12 @@ def fixed_batches(n=3, batch=2, seed=0):
     return gen()
 
 
-def make_loop(log_dir, *, steps=0, max_steps=0, save_interval=2, resume="", diffusion=None, **kw):
+def make_loop(log_dir, *, steps=0, max_steps=0, save_interval=2, resume="", diffusion=None, num_classes=None, **kw):
     logger.configure(dir=str(log_dir), format_strs=["log", "csv"])
     return train_util.TrainLoop(
-        model=tiny_model(),
+        model=tiny_model(num_classes),
         diffusion=diffusion or create_gaussian_diffusion(steps=20, learn_sigma=True, noise_schedule="cosine"),
-        data=fixed_batches(),
+        data=fixed_batches(num_classes=num_classes),
         batch_size=2,
         microbatch=-1,
         lr=1e-3,
@@ -93,18 +98,37 @@ def test_max_steps_stops_without_lr_anneal(tmp_path):
     assert "model000002.pt" in ckpt_files(tmp_path)
 
 
-def test_exact_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("labels", [{}, {"num_classes": 4, "class_dropout_prob": 0.5}], ids=["uncond", "label_dropout"])
+def test_exact_resume_is_bit_identical(tmp_path, labels):
     train_util.seed_all(3)
-    make_loop(tmp_path / "straight", max_steps=4).run_loop()
+    make_loop(tmp_path / "straight", max_steps=4, **labels).run_loop()
     train_util.seed_all(3)
-    make_loop(tmp_path / "half", max_steps=2, save_interval=1).run_loop()
+    make_loop(tmp_path / "half", max_steps=2, save_interval=1, **labels).run_loop()
     torch.manual_seed(999)  # a different global RNG state must not matter: it is restored
     np.random.seed(999)
     random.seed(999)
     resumed = tmp_path / "half" / "opt000001.pt"  # any file of the set names it
-    make_loop(tmp_path / "half", max_steps=4, save_interval=100, resume=str(resumed)).run_loop()
+    make_loop(tmp_path / "half", max_steps=4, save_interval=100, resume=str(resumed), **labels).run_loop()
     for name in ("model000004.pt", "ema_0.9_000004.pt", "ema_0.99_000004.pt", "opt000004.pt"):
         assert same_file(tmp_path / "straight" / name, tmp_path / "half" / name), name
+
+
+def test_label_dropout_replaces_that_share_of_labels_by_minus_one_per_step(tmp_path):
+    loop = make_loop(tmp_path, num_classes=4, class_dropout_prob=0.25, seed=7)
+    labels = torch.arange(4).repeat(500)
+    first = loop._drop_labels(labels, 0)
+    dropped = first == -1
+    assert torch.equal(first[~dropped], labels[~dropped])
+    assert 0.2 < dropped.float().mean() < 0.3
+    assert torch.equal(loop._drop_labels(labels, 0), first)  # a function of (seed, step, rank, offset)
+    assert not torch.equal(loop._drop_labels(labels, 2), first)
+    loop.step += 1
+    assert not torch.equal(loop._drop_labels(labels, 0), first)
+
+
+def test_label_dropout_outside_zero_to_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--class_dropout_prob must be in \\[0, 1\\)"):
+        make_loop(tmp_path, num_classes=4, class_dropout_prob=1.0)
 
 
 def test_original_checkpoint_without_state_file_resumes_from_name(tmp_path):
