@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from evaluations.metrics import compute_statistics  # noqa: E402
-from guided_diffusion import checkpoints, digits_check, script_util, solvers  # noqa: E402
+from guided_diffusion import checkpoints, digits_check, guidance, script_util, solvers  # noqa: E402
 from guided_diffusion.outputs import to_uint8_images  # noqa: E402
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps  # noqa: E402
 from guided_diffusion.sampling_cli import prepare_model  # noqa: E402
@@ -182,6 +181,23 @@ def _diffusion_kwargs(diffusion):
                 rescale_timesteps=diffusion.rescale_timesteps)
 
 
+def guidance_rows(bench, args, budgets):
+    """The solvers under classifier-free guidance at each of ``--cfg_scales``, with and without the interval."""
+    rows, plain = [], bench.model
+    intervals = [None] + ([tuple(float(v) for v in args.cfg_interval.split(","))] if args.cfg_interval else [])
+    for calls in budgets:
+        for scale in (float(v) for v in args.cfg_scales.split(",")):
+            for interval in intervals:
+                bench.model = guidance.classifier_free(plain, scale, interval=interval)
+                for name in args.solvers.split(","):
+                    where = f", t in [{interval[0]:g}, {interval[1]:g}]" if interval else ""
+                    row = bench.score(f"{name} cfg {scale:g}{where}", solver_fn(bench, name, steps_for(name, calls), None))[0]
+                    row.update(solver=name, budget=calls, cfg_scale=scale, cfg_interval=interval)
+                    rows.append(row)
+    bench.model = plain
+    return rows
+
+
 def steps_for(name, calls):
     """Solver steps that spend at most ``calls`` model calls (Heun: two per step, one on the last)."""
     return max(1, (calls + 1) // 2) if solvers.CALLS_PER_STEP[name] == 2 else calls
@@ -207,6 +223,10 @@ def main(argv=None):
                    help="comma-separated spacings to run every solver with (default: each solver's own)")
     p.add_argument("--sigma_max", type=float, default=None, help="the solvers' sigma_max (solvers.timesteps)")
     p.add_argument("--solver_order", type=int, default=None, help="order of unipc / ipndm")
+    p.add_argument("--cfg_scales", default="",
+                   help="comma-separated classifier-free guidance scales: run the solvers at each, with and "
+                        "without --cfg_interval (for a model trained with --class_dropout_prob)")
+    p.add_argument("--cfg_interval", default="", help="LO,HI guidance interval for the --cfg_scales rows")
     p.add_argument("--digits", action="store_true",
                    help="score with the digits demo's classifier (implied without --model_path)")
     p.add_argument("--num_samples", type=int, default=500)
@@ -230,6 +250,9 @@ def main(argv=None):
         rows.append(bench.score(f"original DDPM-{args.ddpm_steps}",
                                 original_fn(bench, "p_sample_loop", str(args.ddpm_steps)))[0])
     budgets = [int(c) for c in args.calls.split(",")]
+    if args.cfg_scales:
+        rows += guidance_rows(bench, args, budgets)
+        budgets = []
     for calls in budgets:
         if not args.no_kdiffusion:
             for label, sigma_max in (("default sigmas", None), ("sigma_max 80", 80.0)):
