@@ -320,6 +320,16 @@ def _load_sampler_state(sampler, state):
 # The loop
 
 
+def drop_labels(labels, prob, key):
+    """``labels`` with each replaced by the null label -1 with probability ``prob`` (label dropout for
+    classifier-free guidance, Ho & Salimans 2022), drawn from a generator seeded by the integer ``key``.
+    TrainLoop's key is (seed, global step, rank, microbatch offset), so an exact resume repeats the
+    draws without saving any state."""
+    generator = torch.Generator().manual_seed(key % 2**63)
+    dropped = torch.rand(labels.shape[0], generator=generator) < prob
+    return labels.masked_fill(dropped.to(labels.device), -1)
+
+
 def _parse_ema_rates(ema_rate):
     if isinstance(ema_rate, (int, float)):
         return [float(ema_rate)]
@@ -578,13 +588,8 @@ class TrainLoop:
             self.mp_trainer.backward(loss)
 
     def _drop_labels(self, labels, offset):
-        """``labels`` with each replaced by the null label -1 with probability ``class_dropout_prob``
-        (Ho & Salimans 2022). The draw comes from a generator seeded by (seed, global step, rank,
-        microbatch offset), so an exact resume repeats it without saving any state."""
         key = ((self.seed * 1_000_003 + self._global_step()) * 65_537 + dist_util.get_rank()) * 8_191 + offset
-        generator = torch.Generator().manual_seed(key % 2**63)
-        dropped = torch.rand(labels.shape[0], generator=generator) < self.class_dropout_prob
-        return labels.masked_fill(dropped.to(labels.device), -1)
+        return drop_labels(labels, self.class_dropout_prob, key)
 
     def _loss_to_check(self, loss):
         value = loss.detach().float()
@@ -698,29 +703,17 @@ def diffusion_training_defaults():
 def train_loop_from_args(args, *, model, diffusion, data, schedule_sampler):
     """The TrainLoop that the diffusion training scripts run, configured from their flags."""
     return TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        max_steps=args.max_steps,
-        restore_data_position=args.exact_resume,
-        compile=args.compile,
-        use_bf16=args.use_bf16,
-        fused_adam=args.fused_adam,
-        class_dropout_prob=args.class_dropout_prob,
-        seed=args.seed,
+        model=model, diffusion=diffusion, data=data, schedule_sampler=schedule_sampler,
+        restore_data_position=args.exact_resume, **{name: getattr(args, name) for name in _LOOP_FLAGS},
     )
+
+
+# TrainLoop's arguments that the training scripts' flags give under the same name.
+_LOOP_FLAGS = (
+    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16",
+    "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "max_steps", "compile", "use_bf16", "fused_adam",
+    "class_dropout_prob", "seed",
+)
 
 
 def training_extra_defaults():

@@ -437,6 +437,12 @@ class _Blocks:
         return Upsample(channels, self.conv_resample, dims=self.dims, out_channels=channels)
 
 
+def _keep_settings(module, **settings):
+    """Keep a network's constructor settings as attributes, as the original's networks expose them."""
+    for name, value in settings.items():
+        setattr(module, name, value)
+
+
 def _time_embed(model_channels):
     dim = model_channels * 4
     return nn.Sequential(linear(model_channels, dim), SiLU(), linear(dim, dim))
@@ -535,22 +541,14 @@ class UNetModel(nn.Module):
         fastpaths.tune_allocator()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.dims = dims
-        self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
+        _keep_settings(
+            self, image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+            out_channels=out_channels, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+            dropout=dropout, channel_mult=channel_mult, conv_resample=conv_resample, dims=dims,
+            num_classes=num_classes, use_checkpoint=use_checkpoint, num_heads=num_heads,
+            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+        )
         self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
 
         emb_dim = model_channels * 4
         blocks = _Blocks(
@@ -707,22 +705,14 @@ class EncoderUNetModel(nn.Module):
                 "the attention pool needs a head width: pass num_head_channels (e.g. 64), "
                 "or use --classifier_pool adaptive."
             ))
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.dims = dims
-        self.use_checkpoint = use_checkpoint
+        _keep_settings(
+            self, image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+            out_channels=out_channels, num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+            dropout=dropout, channel_mult=channel_mult, conv_resample=conv_resample, dims=dims,
+            use_checkpoint=use_checkpoint, num_heads=num_heads, num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample, pool=pool,
+        )
         self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-        self.pool = pool
 
         blocks = _Blocks(
             emb_channels=model_channels * 4, dropout=dropout, dims=dims, use_checkpoint=use_checkpoint,
