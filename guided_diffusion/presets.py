@@ -45,6 +45,13 @@ _ADM = dict(
     use_scale_shift_norm=True,
 )
 
+# improved-diffusion's LSUN bedroom model (two checkpoints: the run and its fine-tuning).
+_IMPROVED_LSUN = dict(
+    _IMPROVED_DEFAULTS, image_size=256, num_channels=128, num_res_blocks=2, num_heads=1, learn_sigma=True,
+    use_scale_shift_norm=False, attention_resolutions="16", diffusion_steps=1000, noise_schedule="linear",
+    rescale_learned_sigmas=False, rescale_timesteps=False,
+)
+
 _SUPER_RES_ONLY_MISSING = ("image_size", "channel_mult", "use_new_attention_order")
 
 _GUIDED_SAMPLE = dict(batch_size=4, num_samples=100, timestep_respacing="250")
@@ -219,19 +226,13 @@ PRESETS = dict([
     _improved(
         "lsun_uncond_100M_1200K_bs128", "diffusion",
         "LSUN bedroom 256x256 unconditional, trained with lr 1e-4",
-        flags=dict(_IMPROVED_DEFAULTS, image_size=256, num_channels=128, num_res_blocks=2, num_heads=1,
-                   learn_sigma=True, use_scale_shift_norm=False, attention_resolutions="16",
-                   diffusion_steps=1000, noise_schedule="linear", rescale_learned_sigmas=False,
-                   rescale_timesteps=False),
+        flags=_IMPROVED_LSUN,
         train_flags=dict(lr=1e-4, batch_size=128),
     ),
     _improved(
         "lsun_uncond_100M_2400K_bs64", "diffusion",
         "LSUN bedroom 256x256 unconditional, fine-tuned with lr 2e-5",
-        flags=dict(_IMPROVED_DEFAULTS, image_size=256, num_channels=128, num_res_blocks=2, num_heads=1,
-                   learn_sigma=True, use_scale_shift_norm=False, attention_resolutions="16",
-                   diffusion_steps=1000, noise_schedule="linear", rescale_learned_sigmas=False,
-                   rescale_timesteps=False),
+        flags=_IMPROVED_LSUN,
         train_flags=dict(lr=2e-5, batch_size=128),
     ),
 ])
