@@ -373,7 +373,7 @@ def run_loop(
             f"diffusion has {diffusion.num_timesteps} steps); got {skip_timesteps!r}."
         )
     if device is None:
-        device = _model_device(model, noise)
+        device = model_device(model, noise)
     img = noise if noise is not None else th.randn(*shape, device=device)
     steps = list(range(diffusion.num_timesteps - skip_timesteps))[::-1]
     if skip_timesteps and init_image is None:
@@ -428,7 +428,7 @@ def _class_count(model):
     return count
 
 
-def _model_device(model, noise):
+def model_device(model, noise=None):
     """The device to sample on when none is given: the model's, else the noise's, else CPU."""
     parameters = getattr(model, "parameters", None)
     if callable(parameters):

@@ -31,7 +31,7 @@ import torch
 
 from .errors import usage
 from .respace import space_timesteps
-from .samplers import progress_bar
+from .samplers import model_device, progress_bar
 
 SPACINGS = ("adm", "trailing", "time_uniform", "logsnr", "karras", "karras_trailing")
 KARRAS_RHO = 7.0
@@ -284,7 +284,7 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
         dynamic_threshold=options.pop("dynamic_threshold", None), model_kwargs=model_kwargs,
     )
     if device is None:
-        device = noise.device if noise is not None else _model_device(model)
+        device = model_device(model, noise)
     if noise is None:
         noise = torch.randn(*shape, generator=generator, device=device)
     if tuple(noise.shape) != tuple(shape):
@@ -612,15 +612,6 @@ def _model_dtype(model, x):
         if first is not None and first.is_floating_point():
             return first.dtype if first.dtype != torch.float16 else torch.float32
     return x.dtype
-
-
-def _model_device(model):
-    parameters = getattr(model, "parameters", None)
-    if callable(parameters):
-        first = next(iter(parameters()), None)
-        if first is not None:
-            return first.device
-    return torch.device("cpu")
 
 
 SOLVERS = {
