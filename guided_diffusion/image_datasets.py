@@ -51,7 +51,10 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionB
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+    """An image file that cannot be decoded (corrupt, truncated, not an image): the user's
+    data to fix, so the scripts report it as one ``error:`` line (exit status 2)."""
+
+    usage_error = True
 
 
 # ----------------------------------------------------------------------------- files
@@ -305,7 +308,17 @@ def _forever(loader):
             # once instead of stalling the exit for seconds when the traceback is freed.
             err.with_traceback(None)
             del batches
+            if isinstance(err, BadImageError):  # the user's file: its own message, without the worker's trace
+                raise BadImageError(_worker_message(err)) from None
             raise err
+
+
+def _worker_message(err):
+    """The original message of an exception re-raised from a DataLoader worker, whose text is
+    "Caught X in DataLoader worker process N. Original Traceback ... X: message"."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    return text[text.rindex(marker) + len(marker):].strip() if marker in text else text
 
 
 def load_data(

@@ -1,6 +1,7 @@
 """The training scripts end to end on a real folder of PNGs: run, checkpoint, kill, resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,14 @@ BAD_INPUTS = {
                                           "--small_size (16) must not exceed --large_size (8)"),
     "empty data folder": ("classifier_train.py", ["--data_dir", "EMPTY", "--image_size", "8"],
                           "no images found in data directory"),
+    "a truncated image, read by a worker process": (
+        "image_train.py", ["--data_dir", "BROKEN", *UNET, "--image_size", "8", "--batch_size", "2",
+                           "--num_workers", "1"],
+        "cannot read image file"),
+    "a truncated image, read in the main process": (
+        "image_train.py", ["--data_dir", "BROKEN", *UNET, "--image_size", "8", "--batch_size", "2",
+                           "--num_workers", "0"],
+        "or pass --skip_bad_images True"),
 }
 
 
@@ -178,7 +187,12 @@ BAD_INPUTS = {
 def test_training_scripts_print_usage_errors_as_one_line_and_exit_2(case, image_dir, tmp_path):
     script, flags, words = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
-    flags = [{"IMAGES": image_dir, "EMPTY": str(tmp_path / "empty")}.get(f, f) for f in flags]
+    broken = tmp_path / "broken"
+    shutil.copytree(image_dir, broken)
+    for name in sorted(os.listdir(broken)):  # every file cut short: the first batch meets one
+        data = (broken / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 3])
+    flags = [{"IMAGES": image_dir, "EMPTY": str(tmp_path / "empty"), "BROKEN": str(broken)}.get(f, f) for f in flags]
     r = run_script(script, *flags, "--log_dir", str(tmp_path / "log"), cwd=tmp_path, returncode=2)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
