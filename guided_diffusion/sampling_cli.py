@@ -262,7 +262,7 @@ def _solver_loop(diffusion, args: argparse.Namespace) -> Callable:
     """``solvers.sample`` for ``--sampler``, called like the original's loops."""
     options = solver_options(args)
     spacing = args.spacing or None
-    solvers.timesteps(diffusion, args.steps, spacing or solvers.DEFAULT_SPACING[args.sampler])  # check early
+    solvers.grid(diffusion, args.sampler, args.steps, spacing, options.get("sigma_max"))  # check early
 
     def loop(model, shape, *, clip_denoised, model_kwargs, cond_fn, device, progress):
         return solvers.sample(

@@ -267,17 +267,7 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     every solver but ``ddim`` starts at sigma_max = 80 (``timesteps``).
     """
     step_fn = _solver(solver)
-    sigma_max = options.pop("sigma_max", None)
-    if spacing is None:
-        spacing = DEFAULT_SPACING.get(getattr(step_fn, "__name__", ""), "trailing")
-        if spacing != "adm" and sigma_max is None:
-            sigma_max = EDM_SIGMA_MAX
-    times = timesteps(diffusion, steps, spacing, sigma_max=sigma_max)
-    if len(times) > 1 and not np.all(np.diff(times) < 0):
-        raise usage(ValueError(
-            f"{steps} steps of the {spacing} spacing do not give distinct timesteps on this "
-            f"{diffusion.model_schedule.num_timesteps}-step chain; use fewer steps or another spacing."
-        ))
+    times = grid(diffusion, step_fn, steps, spacing, options.pop("sigma_max", None))
     _check_options(step_fn, options)
     denoiser = KarrasDenoiser(
         diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
@@ -306,6 +296,22 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
         with torch.no_grad():  # guidance functions enable gradients for themselves
             y = step_fn(denoise, y, Step(i, steps, sigmas, times_t, memory, options, draw))
     return Result(y.to(noise.dtype), denoiser.calls, times)
+
+
+def grid(diffusion, solver, steps, spacing=None, sigma_max=None):
+    """The timesteps ``run`` visits: ``timesteps`` with the solver's default spacing (and sigma_max = 80
+    unless it is ``adm``) when ``spacing`` is None; checked to be distinct."""
+    if spacing is None:
+        spacing = DEFAULT_SPACING.get(getattr(_solver(solver), "__name__", ""), "trailing")
+        if spacing != "adm" and sigma_max is None:
+            sigma_max = EDM_SIGMA_MAX
+    times = timesteps(diffusion, steps, spacing, sigma_max=sigma_max)
+    if len(times) > 1 and not np.all(np.diff(times) < 0):
+        raise usage(ValueError(
+            f"{steps} steps of the {spacing} spacing do not give distinct timesteps on this "
+            f"{diffusion.model_schedule.num_timesteps}-step chain; use fewer steps or another spacing."
+        ))
+    return times
 
 
 def sample(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, model_kwargs=None, cond_fn=None,
@@ -409,6 +415,7 @@ def heun(denoise, y, step):
 
 
 heun.options = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+heun.calls_per_step = 2
 
 
 # ----------------------------------------------------------------------------- exponential integrators
@@ -627,7 +634,7 @@ SOLVERS = {
 }
 
 # Model calls per step (the last step of heun takes one).
-CALLS_PER_STEP = {name: 2 if name == "heun" else 1 for name in SOLVERS}
+CALLS_PER_STEP = {name: getattr(fn, "calls_per_step", 1) for name, fn in SOLVERS.items()}
 
 # The spacing each solver uses unless told otherwise (measured on the digits demo model:
 # benchmarks/README.md); with it, the grid starts at EDM_SIGMA_MAX except for ddim's adm.
