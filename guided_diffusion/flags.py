@@ -91,15 +91,35 @@ def sr_model_and_diffusion_defaults():
 
 
 def model_extra_defaults():
-    """Flags beyond the original for the diffusion UNet (and the super-res UNet).
+    """Flags beyond the original for the diffusion UNet (and the super-res UNet),
+    followed by those of its diffusion (``diffusion_extra_defaults``).
 
     Their defaults reproduce the original's behaviour: RGB images, output
     channels derived from ``learn_sigma``, ImageNet's 1000 classes.
     """
-    return dict(
+    flags = dict(
         in_channels=3,
         out_channels=-1,  # -1: in_channels, doubled when learn_sigma
         num_classes=NUM_CLASSES,
+    )
+    flags.update(diffusion_extra_defaults())
+    return flags
+
+
+def diffusion_extra_defaults():
+    """Flags beyond the original for the diffusion: v-prediction, loss weights, schedules.
+
+    Their defaults reproduce the original's diffusion bit for bit.
+    """
+    return dict(
+        predict_v=False,
+        loss_weight="none",
+        min_snr_gamma=5.0,
+        p2_k=1.0,
+        p2_gamma=1.0,
+        sigma_data=0.5,
+        zero_terminal_snr=False,
+        schedule_shift=1.0,
     )
 
 
@@ -163,6 +183,18 @@ FLAG_HELP = {
     "out_channels": "model output channels; -1: in_channels, doubled when learn_sigma",
     "num_classes": "number of class labels when class_cond is set",
     "preset": "flag set of a released checkpoint (see guided_diffusion.presets)",
+    "predict_v": "the model predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022) "
+                 "instead of the noise",
+    "loss_weight": "weight of the MSE term as a function of log SNR: none, min_snr, p2, edm or snr_plus_one "
+                   "(docs/diffusion.md)",
+    "min_snr_gamma": "gamma of --loss_weight min_snr: the SNR above which steps stop gaining weight",
+    "p2_k": "k of --loss_weight p2: weight 1 / (k + snr)^gamma on the eps loss",
+    "p2_gamma": "gamma of --loss_weight p2",
+    "sigma_data": "standard deviation of the data for --loss_weight edm",
+    "zero_terminal_snr": "rescale the schedule so its last step is pure noise (SNR 0; Lin et al. 2023); "
+                         "needs --predict_v or --predict_xstart",
+    "schedule_shift": "shift the cosine schedule's log SNR by -2 log(s), e.g. the image size over 64 "
+                      "(Hoogeboom et al. 2023); 1: no shift",
     "class_dropout_prob": "share of class labels replaced by the null label -1 in training, so the model "
                           "also learns the unconditional case for classifier-free guidance (0: the original's "
                           "training)",

@@ -15,6 +15,11 @@ References
 - Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models" (DDIM).
 - Dhariwal & Nichol (2021), "Diffusion Models Beat GANs on Image Synthesis"
   (classifier guidance).
+- Salimans & Ho (2022), "Progressive Distillation for Fast Sampling of Diffusion
+  Models" (v-prediction); loss_weights.py for the MSE weightings.
+- Lin, Liu, Li & Yang (2023), "Common Diffusion Noise Schedules and Sample Steps are
+  Flawed" (zero terminal SNR); Hoogeboom, Heek & Salimans (2023), "simple diffusion"
+  (shifted schedules).
 
 Conventions
 -----------
@@ -42,26 +47,59 @@ from .schedule import ScheduleView
 # ----------------------------------------------------------------------------- schedules
 
 
-def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps, *, shift=1.0):
     """Betas (float64 numpy, length ``num_diffusion_timesteps``) of a named schedule.
 
     - ``"linear"``: Ho et al. (2020), 1e-4 to 0.02 for 1000 steps; the range is scaled
       by 1000/T so that other step counts span the same total noise (T < 20 therefore
       gives betas above 1, which ``GaussianDiffusion`` rejects).
     - ``"cosine"``: Nichol & Dhariwal (2021), eq. 17, offset s = 0.008, betas capped at 0.999.
+      With ``shift`` s != 1 its log SNR is shifted by -2 log s at every t, abar(t) =
+      sigmoid(logit(cos^2(...)) - 2 log s) (Hoogeboom et al. 2023, "simple diffusion",
+      section 3.1: s = resolution / base resolution keeps a larger image as noisy).
     """
+    if shift != 1.0 and schedule_name != "cosine":
+        raise usage(ValueError(
+            f"--schedule_shift {shift} shifts the cosine schedule; use --noise_schedule cosine "
+            f"(got {schedule_name!r}) or --schedule_shift 1."
+        ))
+    if not shift > 0:
+        raise usage(ValueError(f"--schedule_shift must be positive (1: no shift); got {shift}."))
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps,
-            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
-        )
+        def cosine(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        if shift == 1.0:
+            return betas_for_alpha_bar(num_diffusion_timesteps, cosine)
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: _shift_alpha_bar(cosine(t), shift))
     raise usage(NotImplementedError(
         f"unknown beta schedule {schedule_name!r}; choose 'linear' or 'cosine' "
         "(flag --noise_schedule)."
     ))
+
+
+def _shift_alpha_bar(alpha_bar, shift):
+    """abar with its log SNR moved by -2 log(shift): abar / (abar + shift^2 (1 - abar))."""
+    return alpha_bar / (alpha_bar + shift**2 * (1.0 - alpha_bar))
+
+
+def rescale_zero_terminal_snr(betas):
+    """Betas whose chain ends at SNR 0 (Lin et al. 2023, algorithm 1).
+
+    sqrt(abar_t) is shifted so its last value is 0 and scaled so its first value stays:
+    sqrt(abar'_t) = (sqrt(abar_t) - sqrt(abar_T)) sqrt(abar_1) / (sqrt(abar_1) - sqrt(abar_T)).
+    The last beta is then exactly 1, so abar_T = 0 exactly. Such a chain needs a model
+    that predicts v or x_0: eps carries no information about x_0 at SNR 0.
+    """
+    root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    alphas = np.append(alphas_cumprod[0], alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return 1.0 - alphas
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
@@ -87,6 +125,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # x_{t-1}, the posterior mean itself
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # the noise that produced x_t
+    VELOCITY = enum.auto()  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(enum.Enum):
@@ -150,17 +189,21 @@ class GaussianDiffusion(Samplers):
     :param loss_type: a ``LossType``, the training objective.
     :param rescale_timesteps: pass timesteps to the model as floats scaled to 0..1000
         (improved-diffusion's convention), instead of integer step indices.
+    :param loss_weight: optional ``loss_weights.LossWeight``, a function of log SNR that
+        multiplies the MSE term of ``training_losses``; None: unweighted (the original).
 
     Models are called as ``model(x, t, **model_kwargs)`` and return [B, C, ...] or,
     for learned variances, [B, 2*C, ...] tensors. Timestep arguments are int64 tensors
     of shape [B] with values in 0..num_timesteps-1.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False,
+                 loss_weight=None):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
+        self.loss_weight = loss_weight
 
         betas = np.array(betas, dtype=np.float64)
         _check_betas(betas)
@@ -176,8 +219,10 @@ class GaussianDiffusion(Samplers):
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # Infinite at abar_T = 0 (zero terminal SNR); prediction.py then uses finite forms.
+        with np.errstate(divide="ignore"):
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
         # q(x_{t-1} | x_t, x_0), Ho et al. eq. 6-7
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -193,6 +238,12 @@ class GaussianDiffusion(Samplers):
         # the base chain for a SpacedDiffusion.
         self.schedule = ScheduleView(self.alphas_cumprod)
         self.model_schedule = self.schedule
+        if self.schedule.reaches_zero_snr and model_mean_type.name not in ("START_X", "VELOCITY"):
+            raise usage(ValueError(
+                f"a chain that ends at SNR 0 (--zero_terminal_snr) needs a model that predicts v or x_0, "
+                f"not {model_mean_type.name}: eps says nothing about x_0 at SNR 0. Add --predict_v True "
+                "(or --predict_xstart True)."
+            ))
 
         # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder.
         large_variance = np.append(first, betas[1:])
@@ -437,8 +488,63 @@ class GaussianDiffusion(Samplers):
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         target = self.parameterisation.target(self, x_start, x_t, t, noise)
         terms["mse"] = mean_flat((target - output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        # The weight multiplies the MSE term only; unweighted, the original's sum exactly.
+        mse = terms["mse"] if self.loss_weight is None else self._loss_weight_at(t, output) * terms["mse"]
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
+
+    def _loss_weight_at(self, t, like):
+        """The loss weight [B] at timesteps t (ones without one), in like's compute dtype."""
+        if self.loss_weight is None:
+            return th.ones(t.shape, dtype=_compute_dtype(like), device=t.device)
+        weight = self.loss_weight.weight(self._gather64("logsnr", t), self.parameterisation)
+        return weight.to(_compute_dtype(like))
+
+    # ------------------------------------------------------------------ custom training loops
+
+    def diffuse(self, x_start, t=None, noise=None, model_kwargs=None):
+        """Everything one training step needs, in one call (GDF's ``diffuse``): noise x_0 and say
+        what the model should predict there and how much the error counts.
+
+        :param x_start: x_0 [B, C, ...].
+        :param t: int64 timesteps [B]; None: drawn uniformly (torch's global generator).
+        :param noise: eps like x_start; None: ``randn_like(x_start)``.
+        :param model_kwargs: extra model arguments, returned for the model call.
+        :return: dict of ``x_t`` (q_sample), ``t``, ``noise``, ``target`` (the parameterisation's
+            regression target), ``logsnr`` (float64 [B]), ``weight`` ([B], the loss weight,
+            ones without one), ``model_t`` (the timesteps as the network sees them: mapped
+            and rescaled as ``training_losses`` passes them) and ``model_kwargs``.
+        """
+        if t is None:
+            t = th.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        if noise is None:
+            noise = th.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        return {
+            "x_t": x_t,
+            "t": t,
+            "noise": noise,
+            "target": self.parameterisation.target(self, x_start, x_t, t, noise),
+            "logsnr": self._gather64("logsnr", t),
+            "weight": self._loss_weight_at(t, x_start),
+            "model_t": self._model_timesteps(t),
+            "model_kwargs": {} if model_kwargs is None else model_kwargs,
+        }
+
+    def undiffuse(self, model_output, x_t, t):
+        """What a model output at (x_t, t) implies, through the parameterisation (GDF's ``undiffuse``).
+
+        :param model_output: the network's output [B, C, ...] (or [B, 2C, ...] with learned
+            variances; the variance channels are ignored).
+        :return: dict of ``pred_xstart`` and ``eps``, each like x_t (x_0 unclipped).
+        """
+        output = model_output[:, : x_t.shape[1]]
+        pred_xstart, eps = self.parameterisation.to_x0_eps(self, output, x_t, t)
+        return {"pred_xstart": pred_xstart, "eps": eps}
+
+    def _model_timesteps(self, t):
+        """The timesteps the network is called with at steps t (``_scale_timesteps``)."""
+        return self._scale_timesteps(t)
 
     # ------------------------------------------------------------------ likelihood
 

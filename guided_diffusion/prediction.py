@@ -1,7 +1,8 @@
 """What the network predicts: one small object per parameterisation of the reverse process.
 
-The mean channels of an ADM network predict one of three quantities (its
-``ModelMeanType``): the noise eps, the clean image x_0, or the posterior mean x_{t-1}.
+The mean channels of an ADM network predict one of four quantities (its
+``ModelMeanType``): the noise eps, the clean image x_0, the posterior mean x_{t-1}, or
+the velocity v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022).
 Every consumer (``p_mean_variance``, the training loss, DDIM/PLMS, guidance, the
 likelihood) converts through this module, so a new target is one enum member plus one
 class here, never another branch in the loops.
@@ -14,6 +15,8 @@ cast to x's compute dtype and expanded to x's shape [B, C, ...]. Operation order
 of the original implementation, so results match it bit for bit.
 """
 
+import torch
+
 
 def x0_from_eps(diffusion, x_t, t, eps):
     """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps: Ho et al. (2020) eq. 4 solved for x_0."""
@@ -25,7 +28,13 @@ def x0_from_eps(diffusion, x_t, t, eps):
 
 
 def eps_from_x0(diffusion, x_t, t, x0):
-    """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): the same equation solved for eps."""
+    """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1): the same equation solved for eps.
+
+    On a chain that ends at SNR 0 (abar_T = 0, where 1/sqrt(abar_T) is infinite) the
+    equivalent eps = (x_t - alpha_t x_0) / sigma_t, finite at every step.
+    """
+    if diffusion.schedule.reaches_zero_snr:
+        return (x_t - diffusion._coef("alpha", t, x_t) * x0) / diffusion._coef("sigma", t, x_t)
     return (
         diffusion._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0
     ) / diffusion._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
@@ -80,6 +89,13 @@ class Parameterisation:
         (alpha, sigma broadcastable to x_t): the continuous-time form the solvers use."""
         raise NotImplementedError
 
+    def x0_mse_scale(self, snr):
+        """How the squared error of this target compares to that of x_0 at the same x_t, as a
+        function of the signal-to-noise ratio ``snr`` = abar_t / (1 - abar_t) (loss_weights.py)."""
+        raise NotImplementedError(
+            f"loss weights are defined for models that predict eps, x_0 or v, not {self.mean_type}."
+        )
+
 
 class Epsilon(Parameterisation):
     """The output is the noise eps (Ho et al. 2020, eq. 11-14)."""
@@ -98,6 +114,9 @@ class Epsilon(Parameterisation):
     def from_scales(self, output, x_t, alpha, sigma):
         return (x_t - sigma * output) / alpha, output
 
+    def x0_mse_scale(self, snr):
+        return snr  # x_0 - x0_hat = -(sigma / alpha)(eps - eps_hat)
+
 
 class StartX(Parameterisation):
     """The output is the clean image x_0 (Ho et al. 2020, section 3.2)."""
@@ -112,6 +131,9 @@ class StartX(Parameterisation):
 
     def from_scales(self, output, x_t, alpha, sigma):
         return output, (x_t - alpha * output) / sigma
+
+    def x0_mse_scale(self, snr):
+        return torch.ones_like(snr)
 
 
 class PreviousX(Parameterisation):
@@ -139,7 +161,35 @@ class PreviousX(Parameterisation):
         )
 
 
-PARAMETERISATIONS = {cls.mean_type: cls() for cls in (PreviousX, StartX, Epsilon)}
+class Velocity(Parameterisation):
+    """The output is the velocity v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, "Progressive
+    Distillation", appendix D), with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+
+    Since alpha_t^2 + sigma_t^2 = 1, x_0 = alpha_t x_t - sigma_t v and eps = sigma_t x_t + alpha_t v:
+    both finite at every step, also at SNR 0 (zero-terminal-SNR schedules, Lin et al. 2023).
+    """
+
+    mean_type = "VELOCITY"
+
+    def to_x0(self, diffusion, output, x_t, t):
+        check_same_shape(output, x_t, "v", "x_t")
+        return diffusion._coef("alpha", t, x_t) * x_t - diffusion._coef("sigma", t, x_t) * output
+
+    def to_eps(self, diffusion, output, x_t, t):
+        return diffusion._coef("sigma", t, x_t) * x_t + diffusion._coef("alpha", t, x_t) * output
+
+    def target(self, diffusion, x_start, x_t, t, noise):
+        return diffusion._coef("alpha", t, x_t) * noise - diffusion._coef("sigma", t, x_t) * x_start
+
+    def from_scales(self, output, x_t, alpha, sigma):
+        # Variance-preserving scales (alpha^2 + sigma^2 = 1), as the solvers pass them.
+        return alpha * x_t - sigma * output, sigma * x_t + alpha * output
+
+    def x0_mse_scale(self, snr):
+        return snr + 1.0  # x_0 - x0_hat = -sigma (v - v_hat) and 1 / sigma^2 = snr + 1
+
+
+PARAMETERISATIONS = {cls.mean_type: cls() for cls in (PreviousX, StartX, Epsilon, Velocity)}
 
 
 def for_mean_type(mean_type):

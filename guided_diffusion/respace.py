@@ -147,6 +147,9 @@ class SpacedDiffusion(GaussianDiffusion):
         # The wrapper maps (and rescales) timesteps; nothing to do here.
         return t
 
+    def _model_timesteps(self, t):
+        return _map_timesteps(self._timestep_map_on(t.device), t, self.rescale_timesteps, self.original_num_steps)
+
 
 class _WrappedModel:
     """Calls ``model`` (or a guidance function) with original-chain timesteps."""
@@ -163,7 +166,12 @@ class _WrappedModel:
             mapping = self._diffusion._timestep_map_on(ts.device)
         else:
             mapping = th.tensor(self.timestep_map, dtype=th.long, device=ts.device)
-        new_ts = mapping[ts].to(ts.dtype)
-        if self.rescale_timesteps:
-            new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
-        return self.model(x, new_ts, **kwargs)
+        return self.model(x, _map_timesteps(mapping, ts, self.rescale_timesteps, self.original_num_steps), **kwargs)
+
+
+def _map_timesteps(mapping, ts, rescale_timesteps, original_num_steps):
+    """Respaced steps ``ts`` as the base chain's steps (floats in 0..1000 when ``rescale_timesteps``)."""
+    new_ts = mapping[ts].to(ts.dtype)
+    if rescale_timesteps:
+        new_ts = new_ts.float() * (1000.0 / original_num_steps)
+    return new_ts

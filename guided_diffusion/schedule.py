@@ -33,8 +33,10 @@ class ScheduleView:
         self.alphas_cumprod = abar
         self.alpha = np.sqrt(abar)
         self.sigma = np.sqrt(1.0 - abar)
-        self.logsnr = np.log(abar) - np.log1p(-abar)
-        self.karras_sigma = np.sqrt((1.0 - abar) / abar)
+        with np.errstate(divide="ignore"):  # abar_T = 0 (zero terminal SNR): logSNR -inf, sigma inf
+            self.logsnr = np.log(abar) - np.log1p(-abar)
+            self.karras_sigma = np.sqrt((1.0 - abar) / abar)
+        self.reaches_zero_snr = bool(abar[-1] == 0.0)
         self._torch = {}
 
     def _table(self, name, device):

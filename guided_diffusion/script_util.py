@@ -42,6 +42,7 @@ from .flags import (  # noqa: F401 (re-exported: the original's names of script_
     classifier_defaults,
     classifier_extra_defaults,
     diffusion_defaults,
+    diffusion_extra_defaults,
     model_and_diffusion_defaults,
     model_extra_defaults,
     parser_flags,
@@ -49,6 +50,7 @@ from .flags import (  # noqa: F401 (re-exported: the original's names of script_
     sr_model_and_diffusion_defaults,
     str2bool,
 )
+from .loss_weights import create_loss_weight
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -190,6 +192,8 @@ def create_model_and_diffusion(
     rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
     use_new_attention_order,
     *, in_channels=3, out_channels=-1, num_classes=NUM_CLASSES,
+    predict_v=False, loss_weight="none", min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0, sigma_data=0.5,
+    zero_terminal_snr=False, schedule_shift=1.0,
 ):
     """Build the diffusion UNet and its (possibly respaced) diffusion from flags."""
     flags = dict(locals())
@@ -280,6 +284,8 @@ def sr_create_model_and_diffusion(
     noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
     rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm, resblock_updown, use_fp16,
     *, in_channels=3, out_channels=-1, num_classes=NUM_CLASSES, channel_mult="",
+    predict_v=False, loss_weight="none", min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0, sigma_data=0.5,
+    zero_terminal_snr=False, schedule_shift=1.0,
 ):
     """Build the super-resolution UNet and its diffusion from flags."""
     flags = dict(locals())
@@ -344,14 +350,30 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
+    predict_v=False,
+    loss_weight="none",
+    min_snr_gamma=5.0,
+    p2_k=1.0,
+    p2_gamma=1.0,
+    sigma_data=0.5,
+    zero_terminal_snr=False,
+    schedule_shift=1.0,
 ):
     """Build the diffusion (a ``SpacedDiffusion``, over all steps unless respaced) from flags.
 
     Loss: KL bound when ``use_kl``, else MSE, rescaled (improved-diffusion's
-    hybrid weighting) when ``rescale_learned_sigmas``. Variance: learned
-    interpolation when ``learn_sigma``, else fixed (small or large).
+    hybrid weighting) when ``rescale_learned_sigmas``, its MSE term weighted by
+    ``loss_weight`` (``loss_weights.create_loss_weight`` with ``min_snr_gamma``,
+    ``p2_k``, ``p2_gamma``, ``sigma_data``). Variance: learned interpolation when
+    ``learn_sigma``, else fixed (small or large). Target: x_0 when ``predict_xstart``,
+    v when ``predict_v``, else eps. Schedule: ``noise_schedule`` (cosine shifted by
+    ``schedule_shift``), rescaled to end at SNR 0 when ``zero_terminal_snr``.
     """
-    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if predict_v and predict_xstart:
+        raise usage(ValueError("--predict_v and --predict_xstart pick two different targets; pass only one."))
+    betas = gd.get_named_beta_schedule(noise_schedule, steps, shift=schedule_shift)
+    if zero_terminal_snr:
+        betas = gd.rescale_zero_terminal_snr(betas)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -364,13 +386,23 @@ def create_gaussian_diffusion(
         var_type = gd.ModelVarType.FIXED_SMALL
     else:
         var_type = gd.ModelVarType.FIXED_LARGE
+    if predict_xstart:
+        mean_type = gd.ModelMeanType.START_X
+    elif predict_v:
+        mean_type = gd.ModelMeanType.VELOCITY
+    else:
+        mean_type = gd.ModelMeanType.EPSILON
+    weighting = create_loss_weight(
+        loss_weight, min_snr_gamma=min_snr_gamma, p2_k=p2_k, p2_gamma=p2_gamma, sigma_data=sigma_data
+    )
     return SpacedDiffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
         betas=betas,
-        model_mean_type=(gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON),
+        model_mean_type=mean_type,
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        loss_weight=weighting,
     )
 
 

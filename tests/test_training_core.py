@@ -1,0 +1,257 @@
+"""The logSNR training core: v-prediction, loss weights, zero-terminal-SNR and shifted schedules,
+and diffuse / undiffuse for custom loops, checked against closed forms in float64."""
+
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion import loss_weights, prediction
+from guided_diffusion import script_util as su
+from guided_diffusion.errors import is_usage_error
+
+SCHEDULES = ("linear", "cosine")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "diffusion.md"
+
+
+def chain(schedule, mean_type=gd.ModelMeanType.EPSILON, betas=None, **kwargs):
+    return gd.GaussianDiffusion(
+        betas=gd.get_named_beta_schedule(schedule, 1000) if betas is None else betas,
+        model_mean_type=mean_type, model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE,
+        **kwargs,
+    )
+
+
+def snr_of(diffusion):
+    """abar / (1 - abar), straight from the cumulative alphas (not through the logSNR table)."""
+    abar = diffusion.alphas_cumprod
+    return torch.from_numpy(abar / (1.0 - abar))
+
+
+def weight_table(diffusion, weighting, mean_type):
+    logsnr = torch.from_numpy(diffusion.schedule.logsnr)
+    return weighting.weight(logsnr, prediction.for_mean_type(mean_type))
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- loss weights
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_min_snr_closed_forms_for_eps_v_and_x0(schedule):
+    d = chain(schedule)
+    snr, gamma = snr_of(d), 5.0
+    weighting = loss_weights.MinSNR(gamma)
+    close(weight_table(d, weighting, "EPSILON"), torch.minimum(snr, torch.tensor(gamma)) / snr)
+    close(weight_table(d, weighting, "VELOCITY"), torch.minimum(snr, torch.tensor(gamma)) / (snr + 1))
+    close(weight_table(d, weighting, "START_X"), torch.minimum(snr, torch.tensor(gamma)))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("k, gamma", [(1.0, 1.0), (1.0, 0.5), (0.1, 2.0)])
+def test_p2_is_one_over_k_plus_snr_to_the_gamma_on_eps(schedule, k, gamma):
+    d = chain(schedule)
+    close(weight_table(d, loss_weights.P2(k, gamma), "EPSILON"), 1.0 / (k + snr_of(d)) ** gamma)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_edm_weight_is_lambda_sigma_on_x0_and_lambda_sigma_squared_on_eps(schedule):
+    d = chain(schedule)
+    sigma_data = 0.5
+    sigma = torch.sqrt(1.0 / snr_of(d))  # Karras et al.'s sigma = sqrt(1 - abar) / sqrt(abar)
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    weighting = loss_weights.EDM(sigma_data)
+    close(weight_table(d, weighting, "START_X"), lam)
+    close(weight_table(d, weighting, "EPSILON"), lam * sigma**2)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_snr_plus_one_is_the_unweighted_v_loss(schedule):
+    d = chain(schedule)
+    close(weight_table(d, loss_weights.SNRPlusOne(), "VELOCITY"), torch.ones(1000, dtype=torch.float64))
+
+
+def test_a_weight_means_the_same_objective_whatever_the_target():
+    # Same x_t, same model belief about x_0: the weighted MSE of each target is the same number.
+    d = chain("cosine")
+    t = torch.tensor([3, 200, 600, 990])
+    x0, noise = torch.rand(4, 2, 3, 3, dtype=torch.float64) * 2 - 1, torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    x_t = d.q_sample(x0, t, noise)
+    guess = x0 + 0.1 * torch.randn_like(x0)
+    eps_guess = prediction.eps_from_x0(d, x_t, t, guess)
+    outputs = {"START_X": guess, "EPSILON": eps_guess,
+               "VELOCITY": d._coef("alpha", t, x_t) * eps_guess - d._coef("sigma", t, x_t) * guess}
+    weighting = loss_weights.MinSNR(5.0)
+    losses = []
+    for name, output in outputs.items():
+        target = prediction.for_mean_type(name).target(d, x0, x_t, t, noise)
+        w = weighting.weight(d._gather64("logsnr", t), prediction.for_mean_type(name))
+        losses.append(w * ((output - target) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-9, atol=0)
+
+
+def test_no_weight_keeps_the_original_loss_bit_for_bit():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1).double()
+    x0, t = torch.randn(4, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 10, 500, 999])
+    noise = torch.randn_like(x0)
+    plain = su.create_gaussian_diffusion()
+    named = su.create_gaussian_diffusion(loss_weight="none")
+    a = plain.training_losses(lambda x, s: model(x), x0, t, noise=noise)
+    b = named.training_losses(lambda x, s: model(x), x0, t, noise=noise)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["loss"], a["mse"])
+
+
+def test_a_weight_multiplies_the_mse_term_only():
+    d = su.create_gaussian_diffusion(steps=100, learn_sigma=True, loss_weight="p2", p2_gamma=0.5)
+    plain = su.create_gaussian_diffusion(steps=100, learn_sigma=True)
+    torch.manual_seed(0)
+    x0, t = torch.randn(3, 2, 4, 4), torch.tensor([0, 40, 99])
+    noise, output = torch.randn_like(x0), torch.randn(3, 4, 4, 4).clamp(-1, 1)
+    weighted = d.training_losses(lambda x, s: output, x0, t, noise=noise)
+    unweighted = plain.training_losses(lambda x, s: output, x0, t, noise=noise)
+    assert torch.equal(weighted["vb"], unweighted["vb"])
+    w = 1.0 / (1.0 + snr_of(plain)[t]) ** 0.5
+    torch.testing.assert_close(weighted["loss"], w.float() * unweighted["mse"] + unweighted["vb"])
+
+
+def test_unknown_loss_weight_names_the_choices():
+    with pytest.raises(ValueError, match="min_snr") as error:
+        su.create_gaussian_diffusion(loss_weight="minsnr")
+    assert is_usage_error(error.value)
+
+
+# ----------------------------------------------------------------------------- v-prediction
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_v_round_trips_to_x0_and_eps_in_float64(schedule):
+    d = chain(schedule, gd.ModelMeanType.VELOCITY)
+    t = torch.arange(1000)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1000, 2, 3, dtype=torch.float64, generator=g), torch.randn(1000, 2, 3, dtype=torch.float64, generator=g)
+    x_t = d.q_sample(x0, t, noise)
+    v = d.parameterisation.target(d, x0, x_t, t, noise)
+    alpha, sigma = np.sqrt(d.alphas_cumprod), np.sqrt(1 - d.alphas_cumprod)
+    close(v, torch.from_numpy(alpha)[:, None, None] * noise - torch.from_numpy(sigma)[:, None, None] * x0)
+    pred_x0, pred_eps = d.parameterisation.to_x0_eps(d, v, x_t, t)
+    torch.testing.assert_close(pred_x0, x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pred_eps, noise, rtol=0, atol=1e-12)
+
+
+def test_v_from_scales_agrees_with_the_tables():
+    d = chain("cosine", gd.ModelMeanType.VELOCITY)
+    t = torch.tensor([0, 400, 999])
+    v, x_t = torch.randn(3, 2, 2, 2, dtype=torch.float64), torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    alpha, sigma = d._coef("alpha", t, x_t), d._coef("sigma", t, x_t)
+    x0, eps = d.parameterisation.from_scales(v, x_t, alpha, sigma)
+    close(x0, d.parameterisation.to_x0(d, v, x_t, t))
+    close(eps, d.parameterisation.to_eps(d, v, x_t, t))
+
+
+def test_predict_v_builds_a_velocity_diffusion_and_refuses_predict_xstart_too():
+    assert su.create_gaussian_diffusion(predict_v=True).model_mean_type == gd.ModelMeanType.VELOCITY
+    with pytest.raises(ValueError, match="--predict_v"):
+        su.create_gaussian_diffusion(predict_v=True, predict_xstart=True)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_zero_terminal_snr_keeps_the_first_alpha_and_ends_at_zero(schedule):
+    betas = gd.get_named_beta_schedule(schedule, 1000)
+    d = chain(schedule, gd.ModelMeanType.VELOCITY, betas=gd.rescale_zero_terminal_snr(betas))
+    original = chain(schedule)
+    assert d.alphas_cumprod[-1] == 0.0
+    assert d.schedule.logsnr[-1] == -np.inf
+    close(torch.tensor(np.sqrt(d.alphas_cumprod[0])), torch.tensor(np.sqrt(original.alphas_cumprod[0])))
+    # sqrt(abar) is the original's, shifted and scaled (Lin et al. 2023, algorithm 1).
+    root, old = np.sqrt(d.alphas_cumprod), np.sqrt(original.alphas_cumprod)
+    expected = (old - old[-1]) * old[0] / (old[0] - old[-1])
+    torch.testing.assert_close(torch.from_numpy(root), torch.from_numpy(expected), rtol=0, atol=1e-12)
+
+
+def test_zero_terminal_snr_refuses_an_eps_model_naming_the_flags():
+    with pytest.raises(ValueError, match="--predict_v True"):
+        su.create_gaussian_diffusion(steps=50, noise_schedule="cosine", zero_terminal_snr=True)
+
+
+def test_shifted_cosine_moves_log_snr_by_minus_two_log_s():
+    shift, steps = 2.0, 1000
+    plain = gd.get_named_beta_schedule("cosine", steps)
+    shifted = gd.get_named_beta_schedule("cosine", steps, shift=shift)
+    assert np.array_equal(gd.get_named_beta_schedule("cosine", steps, shift=1.0), plain)
+
+    def logit_abar(betas):
+        abar = np.cumprod(1 - betas)
+        return np.log(abar) - np.log1p(-abar)
+
+    # Each table is its continuous abar(t) over abar(0); undo that to compare continuous log SNRs.
+    def cosine(t):
+        return np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+
+    t = np.arange(1, steps + 1) / steps
+    uncapped = slice(0, 900)  # before the 0.999 cap on the betas
+    continuous = np.log(cosine(t)) - np.log1p(-cosine(t))
+    abar_shifted0 = gd._shift_alpha_bar(cosine(0.0), shift)
+    table = np.cumprod(1 - shifted) * abar_shifted0
+    np.testing.assert_allclose((np.log(table) - np.log1p(-table))[uncapped],
+                               (continuous - 2 * np.log(shift))[uncapped], rtol=1e-9, atol=1e-9)
+    assert (logit_abar(shifted)[uncapped] < logit_abar(plain)[uncapped]).all()
+
+
+def test_schedule_shift_needs_the_cosine_schedule():
+    with pytest.raises(ValueError, match="--noise_schedule cosine"):
+        su.create_gaussian_diffusion(schedule_shift=2.0)
+
+
+# ----------------------------------------------------------------------------- diffuse / undiffuse
+
+
+def test_diffuse_and_undiffuse_invert_each_other():
+    d = su.create_gaussian_diffusion(steps=100, predict_v=True, loss_weight="min_snr")
+    x0 = torch.rand(5, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    out = d.diffuse(x0)
+    back = d.undiffuse(out["target"], out["x_t"], out["t"])
+    torch.testing.assert_close(back["pred_xstart"], x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(back["eps"], out["noise"], rtol=0, atol=1e-12)
+    snr = snr_of(d)[out["t"]]
+    close(out["weight"], torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def _docs_loop():
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    loops = [b for b in blocks if "diffusion.diffuse(" in b]
+    assert len(loops) == 1, "docs/diffusion.md has one custom training loop"
+    return loops[0]
+
+
+@pytest.mark.parametrize("extra", [{}, {"predict_v": True, "loss_weight": "min_snr"}])
+def test_the_documented_custom_loop_reproduces_training_losses(extra):
+    loop = _docs_loop()
+    assert len(loop.strip().splitlines()) <= 15
+    flags = {**su.model_and_diffusion_defaults(), **su.model_extra_defaults(), "image_size": 8,
+             "num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "", "in_channels": 1,
+             "class_cond": True, "num_classes": 3, "channel_mult": "1", "diffusion_steps": 50,
+             "noise_schedule": "cosine", **extra}
+    torch.manual_seed(0)
+    x_start, cond = torch.rand(4, 1, 8, 8) * 2 - 1, {"y": torch.tensor([0, 1, 2, 1])}
+    namespace = {"flags": flags, "data": [(x_start, cond)]}
+    # The loop builds its model from flags after this seed: rebuild the same one to compare against.
+    torch.manual_seed(1)
+    exec(loop, namespace)
+    torch.manual_seed(1)
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    reference = copy.deepcopy(model)
+    d = namespace["d"]
+    losses = diffusion.training_losses(reference, x_start, d["t"], model_kwargs=cond, noise=d["noise"])
+    assert torch.equal(namespace["loss"].detach(), losses["loss"].mean().detach())
