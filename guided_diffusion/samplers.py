@@ -29,6 +29,7 @@ import torch as th
 
 from . import prediction
 from .denoiser import Denoiser
+from .errors import usage
 
 
 class Samplers:
@@ -323,6 +324,12 @@ def plms_step(denoiser, x, t, order, old_out):
     diffusion = denoiser.diffusion
     if isinstance(order, bool) or order not in (1, 2, 3, 4):
         raise ValueError(f"PLMS order must be an integer from 1 to 4; got {order!r}.")
+    if diffusion.schedule.reaches_zero_snr and int(t.max()) == diffusion.num_timesteps - 1:
+        # PLMS extrapolates eps and turns it into x_0 through 1 / sqrt(abar_t), infinite at SNR 0.
+        raise usage(ValueError(
+            "PLMS cannot step from SNR 0 (this chain ends there: --zero_terminal_snr); sample with "
+            "DDIM (--use_ddim True), DDPM or --sampler."
+        ))
     eps, pred_xstart, unguided_xstart = denoiser.eps(x, t)
     if order > 1 and old_out is None:
         history = [eps]

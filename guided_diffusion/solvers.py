@@ -101,6 +101,19 @@ class KarrasDenoiser:
         alpha = torch.rsqrt(1 + sigma**2)
         x_t = y.to(torch.float64) * _expand(alpha, y)
         x0 = self._x0(x_t, t * self.time_scale, alpha, sigma * alpha, {**self.model_kwargs, **model_kwargs})
+        return self._finish(x0)
+
+    def denoise_pure_noise(self, x_t, t, model_kwargs):
+        """x_0 predicted at SNR 0 (a zero-terminal-SNR chain's last step, where y = x_t / alpha is
+        infinite) from the variance-preserving x_t, which is pure noise there; ``t`` a number."""
+        batch = x_t.shape[0]
+        t = _per_example(t, batch, x_t.device)
+        zero, one = torch.zeros_like(t), torch.ones_like(t)
+        x0 = self._x0(x_t.to(torch.float64), t * self.time_scale, zero, one, {**self.model_kwargs, **model_kwargs})
+        return self._finish(x0)
+
+    def _finish(self, x0):
+        """``denoised_fn``, then dynamic thresholding or clipping."""
         if self.denoised_fn is not None:
             x0 = self.denoised_fn(x0)
         if self.dynamic_threshold is not None:
@@ -282,7 +295,11 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     schedule = diffusion.model_schedule
     times_t = torch.from_numpy(times).to(device)
     sigmas = torch.cat([schedule.karras_sigma_at(times_t), torch.zeros(1, dtype=torch.float64, device=device)])
-    y = noise.to(device=device, dtype=torch.float64) / torch.rsqrt(1 + sigmas[0] ** 2)
+    start = 0
+    if torch.isinf(sigmas[0]):
+        y, start = _step_from_zero_snr(denoiser, noise.to(device=device, dtype=torch.float64), times[0], sigmas[1]), 1
+    else:
+        y = noise.to(device=device, dtype=torch.float64) / torch.rsqrt(1 + sigmas[0] ** 2)
     by_sigma = {float(s): t for s, t in zip(sigmas[:-1].tolist(), times_t)}
 
     def denoise(y, sigma):
@@ -292,10 +309,24 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
         return torch.randn(y.shape, generator=generator, device=device, dtype=torch.float64)
 
     memory = {}
-    for i in progress_bar(range(steps), progress):
+    for i in progress_bar(range(start, steps), progress):
         with torch.no_grad():  # guidance functions enable gradients for themselves
             y = step_fn(denoise, y, Step(i, steps, sigmas, times_t, memory, options, draw))
     return Result(y.to(noise.dtype), denoiser.calls, times)
+
+
+def _step_from_zero_snr(denoiser, x_t, t, sigma_next):
+    """The first step of a grid that starts at SNR 0 (zero-terminal-SNR chains, Lin et al. 2023):
+    there x_t is pure noise, so eps = x_t exactly and the step is DDIM's, y' = x_0 + sigma' eps,
+    for every solver (multistep solvers start their history after it)."""
+    if denoiser.cond_fn is not None:
+        raise usage(ValueError(
+            "classifier guidance turns the score into x_0 through alpha_t, which is 0 at this chain's "
+            "SNR-0 step; start below it with --sigma_max (e.g. 80) or drop the classifier."
+        ))
+    with torch.no_grad():
+        x0 = denoiser.denoise_pure_noise(x_t, t, {})
+    return x0 + sigma_next * x_t
 
 
 def grid(diffusion, solver, steps, spacing=None, sigma_max=None):

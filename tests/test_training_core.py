@@ -255,3 +255,81 @@ def test_the_documented_custom_loop_reproduces_training_losses(extra):
     d = namespace["d"]
     losses = diffusion.training_losses(reference, x_start, d["t"], model_kwargs=cond, noise=d["noise"])
     assert torch.equal(namespace["loss"].detach(), losses["loss"].mean().detach())
+
+
+# ----------------------------------------------------------------------------- zero terminal SNR end to end
+
+ZERO_SNR = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                in_channels=1, learn_sigma=True, diffusion_steps=10, noise_schedule="cosine",
+                predict_v=True, zero_terminal_snr=True, loss_weight="min_snr")
+
+
+def _zero_snr_model(respacing=""):
+    flags = {**su.model_and_diffusion_defaults(), **su.model_extra_defaults(), **ZERO_SNR,
+             "timestep_respacing": respacing}
+    torch.manual_seed(0)
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    with torch.no_grad():
+        for param in model.parameters():  # the output layer starts at zero; give it something to say
+            param.add_(0.05 * torch.randn_like(param))
+    return model.eval(), diffusion
+
+
+def test_a_zero_terminal_snr_v_model_trains_samples_and_scores_finitely():
+    from guided_diffusion import solvers
+
+    model, diffusion = _zero_snr_model()
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    last = torch.full((2,), diffusion.num_timesteps - 1)
+    losses = diffusion.training_losses(model, x0, last)
+    assert torch.isfinite(losses["loss"]).all() and torch.isfinite(losses["vb"]).all()
+    with torch.no_grad():
+        assert torch.isfinite(diffusion.p_sample_loop(model, (2, 1, 8, 8))).all()
+        _, spaced = _zero_snr_model("5")  # plain counts keep the last (SNR-0) step
+        assert spaced.schedule.reaches_zero_snr
+        assert torch.isfinite(spaced.ddim_sample_loop(model, (2, 1, 8, 8))).all()
+        for name in ("ddim", "dpmpp_2m", "unipc"):
+            result = solvers.run(diffusion, model, (2, 1, 8, 8), name, 4, spacing="trailing")
+            assert result.timesteps[0] == diffusion.num_timesteps - 1 and result.model_calls == 4
+            assert torch.isfinite(result.sample).all()
+        bpd = diffusion.calc_bpd_loop(model, x0)
+    assert torch.isfinite(bpd["total_bpd"]).all() and torch.isfinite(bpd["mse"]).all()
+
+
+def test_plms_refuses_to_step_from_snr_zero():
+    model, diffusion = _zero_snr_model()
+    with pytest.raises(ValueError, match="PLMS cannot step from SNR 0"):
+        diffusion.plms_sample_loop(model, (1, 1, 8, 8))
+
+
+@pytest.mark.slow
+def test_zero_terminal_snr_v_prediction_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    images = tmp_path / "images"
+    images.mkdir()
+    rs = np.random.RandomState(0)
+    for i in range(4):
+        Image.fromarray(rs.randint(0, 256, (8, 8), dtype=np.uint8)).save(images / f"img_{i}.png")
+    flags = [f"--{k}={v}" for k, v in ZERO_SNR.items()]
+
+    def run(script, *args):
+        r = subprocess.run([sys.executable, str(scripts / script), *args], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    run("image_train.py", "--data_dir", str(images), *flags, "--batch_size", "2", "--max_steps", "2",
+        "--save_interval", "2", "--log_dir", str(tmp_path / "run"))
+    model = str(tmp_path / "run" / "ema_0.9999_000002.pt")
+    run("image_sample.py", "--model_path", model, "--num_samples", "2", "--batch_size", "2", "--sampler", "ddim",
+        "--spacing", "trailing", "--steps", "4", "--log_dir", str(tmp_path / "samples"))
+    assert len(list((tmp_path / "samples").glob("samples_2x8x8x1.npz"))) == 1
+    out = run("image_nll.py", "--model_path", model, "--data_dir", str(images), "--num_samples", "2",
+              "--batch_size", "2", "--log_dir", str(tmp_path / "nll"))
+    bpd = float(re.search(r"final bpd=([0-9.eE+-]+)", out).group(1))
+    assert np.isfinite(bpd) and bpd > 0
