@@ -195,6 +195,9 @@ FLAG_HELP = {
                          "needs --predict_v or --predict_xstart",
     "schedule_shift": "shift the cosine schedule's log SNR by -2 log(s), e.g. the image size over 64 "
                       "(Hoogeboom et al. 2023); 1: no shift",
+    "schedule_sampler": "timestep density in training: uniform, loss-second-moment, lognormal (EDM's) or "
+                        "logit-normal over log SNR, importance-weighted so the loss stays unbiased "
+                        "(docs/diffusion.md)",
     "class_dropout_prob": "share of class labels replaced by the null label -1 in training, so the model "
                           "also learns the unconditional case for classifier-free guidance (0: the original's "
                           "training)",

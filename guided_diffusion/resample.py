@@ -3,7 +3,14 @@
 Sampling t with probability p_t and weighting its loss by 1 / (T p_t) keeps the
 objective unbiased while spending more samples where the loss varies most
 (Nichol & Dhariwal 2021, section 3.3, importance sampling of L_vlb).
+
+Besides the original's ``uniform`` and ``loss-second-moment``, two fixed densities over
+log SNR: ``lognormal`` (EDM's training noise levels, ln sigma ~ N(-1.2, 1.2^2), Karras et
+al. 2022, table 1) and ``logit-normal`` (log SNR ~ N(0, 2^2): abar_t is logit-normal, as
+SD3's timesteps are for rectified flow, Esser et al. 2024, section 3.1).
 """
+
+import math
 
 from abc import ABC, abstractmethod
 
@@ -15,15 +22,24 @@ from . import dist_util
 from .errors import usage
 
 
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # Karras et al. 2022, table 1: ln sigma ~ N(P_mean, P_std^2)
+LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD = 0.0, 2.0  # log SNR = -2 logit(t) of SD3's logit-normal(0, 1)
+
+
 def create_named_schedule_sampler(name, diffusion):
-    """Build a sampler by name: ``"uniform"`` or ``"loss-second-moment"``."""
+    """Build a sampler by name: ``"uniform"``, ``"loss-second-moment"``, ``"lognormal"`` or ``"logit-normal"``."""
     if name == "uniform":
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
+    if name == "lognormal":
+        # ln sigma = -logsnr / 2, so logsnr ~ N(-2 P_mean, (2 P_std)^2).
+        return LogSNRNormalSampler(diffusion, -2.0 * EDM_P_MEAN, 2.0 * EDM_P_STD)
+    if name == "logit-normal":
+        return LogSNRNormalSampler(diffusion, LOGIT_NORMAL_MEAN, LOGIT_NORMAL_STD)
     raise usage(NotImplementedError(
-        f"unknown schedule sampler {name!r}; choose 'uniform' or 'loss-second-moment' "
-        "(flag --schedule_sampler)."
+        f"unknown schedule sampler {name!r}; choose 'uniform', 'loss-second-moment', 'lognormal' or "
+        "'logit-normal' (flag --schedule_sampler)."
     ))
 
 
@@ -60,6 +76,43 @@ class UniformSampler(ScheduleSampler):
 
     def weights(self):
         return self._weights
+
+
+class LogSNRNormalSampler(ScheduleSampler):
+    """Timesteps whose log SNR is normally distributed, N(mean, std^2), each mapped to the nearest step.
+
+    p_t is the normal's mass between the midpoints of step t's log SNR and its neighbours'
+    (the end steps take the tails), mixed with ``uniform_prob`` of uniform so that every
+    step keeps a positive probability (the SNR-0 step of a zero-terminal chain, whose
+    interval is empty, included). ``sample`` returns the importance weights 1 / (T p_t):
+    with them the expected weighted loss is exactly the uniform objective (1/T) sum_t L_t,
+    so the density moves samples between noise levels without changing what is
+    minimised. With ``importance=False`` the weights are 1 and the density becomes part
+    of the objective, sum_t p_t L_t (EDM's and SD3's use).
+    """
+
+    def __init__(self, diffusion, mean, std, uniform_prob=1e-3, importance=True):
+        self.diffusion = diffusion
+        self.mean = mean                    # of the log SNR
+        self.std = std
+        self.uniform_prob = uniform_prob    # share of uniform mass: every step stays reachable
+        self.importance = importance        # 1 / (T p_t) weights (unbiased) or ones
+        logsnr = diffusion.schedule.logsnr  # decreasing in t
+        edges = np.concatenate([[np.inf], (logsnr[1:] + logsnr[:-1]) / 2, [-np.inf]])
+        mass = _normal_cdf((edges[:-1] - mean) / std) - _normal_cdf((edges[1:] - mean) / std)
+        self._weights = (1 - uniform_prob) * mass / mass.sum() + uniform_prob / len(mass)
+
+    def weights(self):
+        return self._weights
+
+    def sample(self, batch_size, device):
+        indices, weights = super().sample(batch_size, device)
+        return indices, weights if self.importance else th.ones_like(weights)
+
+
+def _normal_cdf(z):
+    """Standard normal CDF of a float64 array (infinities allowed)."""
+    return 0.5 * (1.0 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
 
 
 class LossAwareSampler(ScheduleSampler):

@@ -324,7 +324,7 @@ def test_zero_terminal_snr_v_prediction_from_the_command_line(tmp_path):
         return r.stdout
 
     run("image_train.py", "--data_dir", str(images), *flags, "--batch_size", "2", "--max_steps", "2",
-        "--save_interval", "2", "--log_dir", str(tmp_path / "run"))
+        "--schedule_sampler", "logit-normal", "--save_interval", "2", "--log_dir", str(tmp_path / "run"))
     model = str(tmp_path / "run" / "ema_0.9999_000002.pt")
     run("image_sample.py", "--model_path", model, "--num_samples", "2", "--batch_size", "2", "--sampler", "ddim",
         "--spacing", "trailing", "--steps", "4", "--log_dir", str(tmp_path / "samples"))
@@ -333,3 +333,54 @@ def test_zero_terminal_snr_v_prediction_from_the_command_line(tmp_path):
               "--batch_size", "2", "--log_dir", str(tmp_path / "nll"))
     bpd = float(re.search(r"final bpd=([0-9.eE+-]+)", out).group(1))
     assert np.isfinite(bpd) and bpd > 0
+
+
+# ----------------------------------------------------------------------------- timestep densities
+
+
+def _nearest_step_histogram(diffusion, logsnr_draws):
+    """An independent mapping: each drawn log SNR to the step whose table value is nearest."""
+    ascending = diffusion.schedule.logsnr[::-1]
+    above = np.clip(np.searchsorted(ascending, logsnr_draws), 1, len(ascending) - 1)
+    below = above - 1
+    closer = np.where(ascending[above] - logsnr_draws < logsnr_draws - ascending[below], above, below)
+    return np.bincount(len(ascending) - 1 - closer, minlength=len(ascending)) / len(logsnr_draws)
+
+
+@pytest.mark.parametrize("name, mean, std", [("lognormal", 2.4, 2.4), ("logit-normal", 0.0, 2.0)])
+def test_density_is_the_normal_log_snr_mass_of_each_nearest_step(name, mean, std):
+    from guided_diffusion.resample import create_named_schedule_sampler
+
+    d = chain("linear")
+    sampler = create_named_schedule_sampler(name, d)
+    p = sampler.weights() / sampler.weights().sum()
+    draws = np.random.RandomState(0).normal(mean, std, 400_000)
+    expected = 0.999 * _nearest_step_histogram(d, draws) + 0.001 / 1000
+    assert np.abs(np.cumsum(p) - np.cumsum(expected)).max() < 3e-3  # Kolmogorov distance, MC error ~1e-3
+
+
+def test_lognormal_puts_half_its_mass_below_edm_median_sigma():
+    from guided_diffusion.resample import create_named_schedule_sampler
+
+    d = chain("cosine")
+    p = create_named_schedule_sampler("lognormal", d).weights()
+    median_step = np.searchsorted(np.cumsum(p) / p.sum(), 0.5)
+    # EDM's median noise level exp(P_mean) = exp(-1.2) in sigma = sqrt(1 - abar) / sqrt(abar).
+    assert abs(np.log(d.schedule.karras_sigma[median_step]) - (-1.2)) < 0.02
+
+
+def test_density_importance_weights_keep_the_uniform_objective():
+    from guided_diffusion.resample import create_named_schedule_sampler
+
+    betas = gd.rescale_zero_terminal_snr(gd.get_named_beta_schedule("cosine", 200))
+    d = chain("cosine", gd.ModelMeanType.VELOCITY, betas=betas)
+    sampler = create_named_schedule_sampler("logit-normal", d)
+    p = sampler.weights() / sampler.weights().sum()
+    assert (p > 0).all()  # the SNR-0 step too, through the uniform share
+    np.random.seed(0)
+    t, w = sampler.sample(50_000, "cpu")
+    torch.testing.assert_close(w.double(), torch.from_numpy(1 / (200 * p[t.numpy()])), rtol=1e-6, atol=0)
+    losses = np.linspace(1.0, 2.0, 200) ** 2  # any per-step loss
+    assert abs(np.sum(p * (1 / (200 * p)) * losses) - losses.mean()) < 1e-12
+    frequencies = np.bincount(t.numpy(), minlength=200) / 50_000
+    assert np.abs(np.cumsum(frequencies) - np.cumsum(p)).max() < 1e-2
