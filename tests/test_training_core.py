@@ -163,6 +163,54 @@ def test_predict_v_builds_a_velocity_diffusion_and_refuses_predict_xstart_too():
         su.create_gaussian_diffusion(predict_v=True, predict_xstart=True)
 
 
+def _eps_and_v_models(diffusion):
+    """A fixed eps-predicting function and the v-model equivalent to it: v = (eps - sigma_t x_t) / alpha_t,
+    which is alpha_t eps - sigma_t x_0 with x_0 = (x_t - sigma_t eps) / alpha_t. The solvers also call
+    at fractional t (between grid points), so alpha_t and sigma_t come from the interpolated log SNR."""
+
+    def eps_model(x, t, **kwargs):
+        return 0.9 * torch.tanh(1.3 * x) + 0.01 * t.to(x.dtype)[:, None, None, None]
+
+    def v_model(x, t, **kwargs):
+        a, s = (c[:, None, None, None] for c in diffusion.schedule.alpha_sigma_at(t))
+        return (eps_model(x, t) - s * x) / a
+
+    return eps_model, v_model
+
+
+def test_a_v_model_samples_guides_and_scores_as_its_eps_equivalent_in_every_loop_and_solver():
+    from guided_diffusion import solvers
+
+    betas = gd.get_named_beta_schedule("cosine", 50)
+    by_type = {m: chain("cosine", m, betas=betas) for m in (gd.ModelMeanType.EPSILON, gd.ModelMeanType.VELOCITY)}
+    eps_model, v_model = _eps_and_v_models(by_type[gd.ModelMeanType.VELOCITY])
+    models = {gd.ModelMeanType.EPSILON: eps_model, gd.ModelMeanType.VELOCITY: v_model}
+    shape, x0 = (2, 1, 4, 4), torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def outputs(mean_type):
+        d, model = by_type[mean_type], models[mean_type]
+        out = {}
+        for loop in ("p_sample_loop", "ddim_sample_loop", "plms_sample_loop"):
+            torch.manual_seed(0)
+            out[loop] = getattr(d, loop)(model, shape, noise=noise)
+        torch.manual_seed(0)
+        out["ddim eta 1"] = d.ddim_sample_loop(model, shape, noise=noise, eta=1.0)
+        for name in solvers.SOLVERS:
+            out[name] = solvers.run(d, model, shape, name, 6, noise=noise,
+                                    generator=torch.Generator().manual_seed(0)).sample
+        guide = dict(cond_fn=lambda x, t, **kwargs: -0.2 * x)  # the score of a wide Gaussian, through eps
+        out["ddim guided"] = d.ddim_sample_loop(model, shape, noise=noise, **guide)
+        out["unipc guided"] = solvers.run(d, model, shape, "unipc", 6, noise=noise, **guide).sample
+        torch.manual_seed(0)
+        out["bpd"] = d.calc_bpd_loop(model, x0)["total_bpd"]
+        return out
+
+    eps_out, v_out = outputs(gd.ModelMeanType.EPSILON), outputs(gd.ModelMeanType.VELOCITY)
+    for name, expected in eps_out.items():
+        torch.testing.assert_close(v_out[name], expected, rtol=0, atol=1e-9, msg=name)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
