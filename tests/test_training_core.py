@@ -157,6 +157,17 @@ def test_v_from_scales_agrees_with_the_tables():
     close(eps, d.parameterisation.to_eps(d, v, x_t, t))
 
 
+def test_velocity_is_a_member_found_by_name_and_value_but_the_original_three_are_enumerated():
+    import pickle
+
+    velocity = gd.ModelMeanType.VELOCITY
+    assert isinstance(velocity, gd.ModelMeanType) and velocity.name == "VELOCITY"
+    assert gd.ModelMeanType["VELOCITY"] is velocity and gd.ModelMeanType(velocity.value) is velocity
+    assert pickle.loads(pickle.dumps(velocity)) is velocity
+    assert [m.name for m in gd.ModelMeanType] == ["PREVIOUS_X", "START_X", "EPSILON"]
+    assert prediction.for_mean_type(velocity).mean_type == "VELOCITY"
+
+
 def test_predict_v_builds_a_velocity_diffusion_and_refuses_predict_xstart_too():
     assert su.create_gaussian_diffusion(predict_v=True).model_mean_type == gd.ModelMeanType.VELOCITY
     with pytest.raises(ValueError, match="--predict_v"):
