@@ -117,3 +117,10 @@ def test_cli_reports_a_missing_batch_file_without_a_traceback(batches, monkeypat
     with pytest.warns(UserWarning):
         code = evaluator.main([str(batches / "absent.npz"), str(batches / "sample.npz"), "--device", "cpu"])
     assert code == 1 and "absent.npz" in capsys.readouterr().err
+
+
+def test_exact_flag_switches_precision_recall_to_float64_distances():
+    assert not evaluator.create_argparser().parse_args(["ref.npz", "sample.npz"]).exact
+    assert evaluator.create_argparser().parse_args(["ref.npz", "sample.npz", "--exact"]).exact
+    assert evaluator.Evaluator(device="cpu").manifold_estimator.distance_block.dtype == "float16"
+    assert evaluator.Evaluator(device="cpu", exact=True).manifold_estimator.distance_block.dtype == "float64"
