@@ -35,7 +35,7 @@ def _scores(output: str) -> dict:
     return {k: float(v) for k, v in found.items()}
 
 
-def test_cli_prints_the_five_scores_in_process(batches, monkeypatch, capsys):
+def test_cli_prints_the_five_scores_in_process(batches, tmp_path, monkeypatch, capsys):
     # The 2048x2048 matrix square roots take a minute on 2 CPU cores; the
     # subprocess test below runs them for real, here they are stubbed.
     monkeypatch.setattr(metrics, "_sqrtm", lambda m: np.eye(len(m)))
@@ -52,10 +52,13 @@ def test_cli_prints_the_five_scores_in_process(batches, monkeypatch, capsys):
                 "4",
                 "--device",
                 "cpu",
+                "--cache_dir",
+                str(tmp_path / "cache"),
             ]
         )
     out = capsys.readouterr().out
     assert code == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one activations file per batch file
     scores = _scores(out)
     assert "computing reference batch activations..." in out and "Computing evaluations..." in out
     assert scores["Inception Score"] >= 1.0
