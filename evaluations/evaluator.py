@@ -136,6 +136,7 @@ class Evaluator:
 
     @property
     def cache(self) -> Optional[ActivationsCache]:
+        """The activations cache in ``cache_dir`` (None without one); loads the network to key it."""
         if self._cache is None and self.cache_dir:
             self._cache = ActivationsCache(self.cache_dir, self.network, progress=self.progress)
         return self._cache

@@ -55,9 +55,8 @@ def folder_batches(folder: str, image_size=None, batch_size: int = 64) -> Tuple[
         raise usage(FileNotFoundError(f"{folder} is neither an image folder nor an .npz file."))
     paths = list_image_files(folder)
     if len(paths) < 2:
-        raise usage(
-            ValueError(f"found {len(paths)} image(s) (.jpg .jpeg .png .gif) under {folder}; statistics need at least 2.")
-        )
+        found = f"found {len(paths)} image(s) (.jpg .jpeg .png .gif) under {folder}"
+        raise usage(ValueError(f"{found}; statistics need at least 2."))
 
     def batches() -> Iterator[np.ndarray]:
         first_shape = None
@@ -152,7 +151,7 @@ def main(argv=None) -> None:
         with contextlib.ExitStack() as stack:
             if os.path.isfile(args.source):
                 if args.image_size is not None:
-                    raise usage(ValueError("--image_size applies to image folders; an npz's images are used as they are."))
+                    raise usage(ValueError("--image_size applies to image folders; an npz's images are used as is."))
                 reader = stack.enter_context(open_npz_array(args.source, "arr_0"))
                 batches, num_images = reader.read_batches(args.batch_size), reader.remaining()
             else:
