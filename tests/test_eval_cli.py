@@ -15,6 +15,14 @@ from evaluations.inception import InceptionV3
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+ORIGINAL_PROGRESS_LINES = [
+    "warming up TensorFlow...",
+    "computing reference batch activations...",
+    "computing/reading reference batch statistics...",
+    "computing sample batch activations...",
+    "computing/reading sample batch statistics...",
+    "Computing evaluations...",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,11 @@ def test_cli_prints_the_five_scores_in_process(batches, tmp_path, monkeypatch, c
     assert code == 0
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one activations file per batch file
     scores = _scores(out)
-    assert "computing reference batch activations..." in out and "Computing evaluations..." in out
+    # The original's lines in its order (its first says "warming up TensorFlow..."),
+    # each score printed as Python prints a float.
+    lines = out.splitlines()
+    assert lines[1:6] == ORIGINAL_PROGRESS_LINES[1:]
+    assert lines[6:] == [f"{name}: {scores[name]}" for name in LINES]
     assert scores["Inception Score"] >= 1.0
     assert scores["Precision"] in {i / 5 for i in range(6)}  # a fraction of the 5 samples
     assert scores["Recall"] in {i / 6 for i in range(7)}  # a fraction of the 6 references
