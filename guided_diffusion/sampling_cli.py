@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, dist_util, guidance, logger, perf, presets, solvers
+from . import checkpoints, dist_util, guidance, logger, perf, presets, pretrained, solvers
 from .errors import UsageError
 from .outputs import save_samples, to_uint8_images
 from .respace import space_timesteps
@@ -215,15 +215,17 @@ def check_respacing(diffusion_steps: int, timestep_respacing: str) -> None:
 def load_weights(model: torch.nn.Module, path: str, *, flag: str, flags: Optional[dict] = None) -> None:
     """Load the checkpoint at ``path`` (given by ``--flag``) into ``model``, strictly.
 
-    Rank 0 reads the file and broadcasts it (``dist_util.load_state_dict``); a
-    checkpoint that does not fit the model raises ``checkpoints.CheckpointError``
-    with the mismatched keys and the flags the checkpoint implies.
+    ``path`` is a checkpoint file or a pretrained folder (``pretrained.weights_file``);
+    consistency-model attention weights are squeezed to our layout. Rank 0 reads the
+    file and broadcasts it (``dist_util.load_state_dict``); a checkpoint that does not
+    fit the model raises ``checkpoints.CheckpointError`` with the mismatched keys and
+    the flags the checkpoint implies.
     """
     if not path:
         raise UsageError(f"--{flag} is empty: pass the checkpoint to load, e.g. --{flag} models/64x64_diffusion.pt")
-    if "://" not in path and not os.path.isfile(path):
-        raise UsageError(f"--{flag} {path!r}: no such file; check the path (download the checkpoint first)")
-    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    if "://" not in path and not os.path.exists(path):
+        raise UsageError(f"--{flag} {path!r}: no such file or folder; check the path (download the checkpoint first)")
+    state_dict = pretrained.read_weights(path, flag=flag)
     checkpoints.load_model_weights(model, state_dict, flags=flags, source=path)
 
 
