@@ -135,9 +135,14 @@ def read_weights(path, *, ema_rate=None, flag=None):
     return to_adm_layout(state_dict)
 
 
-def _saved_flags(path, preset):
-    """Complete flags for the checkpoint at ``path`` and the preset they came from: its config,
-    updated by ``preset`` (a file without a config: the preset named like the file)."""
+def pretrained_flags(folder_or_file, *, preset="", **flag_overrides):
+    """(complete flags, preset name) that `from_pretrained` builds its model from.
+
+    Flags, lowest first: the defaults < ``config.json`` (or the config beside the
+    file) < ``preset`` (a file without a config: the preset named like the file,
+    e.g. ``ct_bedroom256.pt``) < ``flag_overrides``.
+    """
+    path = os.fspath(folder_or_file)
     config = checkpoints.find_config(path) or {}
     stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
     name = preset or ("" if config or stem not in presets.PRESETS else stem)
@@ -148,24 +153,24 @@ def _saved_flags(path, preset):
                 f"preset {name!r} is a classifier; from_pretrained builds diffusion and super-resolution UNets"
             )
         flags.update(presets.preset_flags(name))
-    return _all_flags(flags), name or config.get(PRESET_KEY, "")
+    flags = _all_flags(flags)
+    unknown = sorted(set(flag_overrides) - set(flags))
+    if unknown:
+        raise TypeError(f"unknown flag(s) {', '.join(unknown)}; pass model or diffusion flags")
+    flags.update(flag_overrides)
+    return flags, name or config.get(PRESET_KEY, "")
 
 
 def from_pretrained(folder_or_file, *, ema_rate=None, preset="", **flag_overrides):
     """(model, diffusion) from a pretrained folder or a checkpoint file, in eval mode on the CPU.
 
-    Flags, lowest first: the defaults < ``config.json`` (or the config beside the
-    file) < ``preset`` (a file without a config: the preset named like the file,
-    e.g. ``ct_bedroom256.pt``) < ``flag_overrides``. Overriding a head flag
-    (``HEAD_FLAGS``) re-heads the model (`load_fitting`); otherwise the weights must
-    fit exactly. ``ema_rate`` loads a folder's ``ema_<rate>.safetensors`` instead.
+    The flags are `pretrained_flags`'. Overriding a head flag (``HEAD_FLAGS``) re-heads
+    the model (`load_fitting`); otherwise the weights must fit exactly. ``ema_rate``
+    loads a folder's ``ema_<rate>.safetensors`` instead of ``model.safetensors``.
     """
-    flags, name = _saved_flags(folder_or_file, preset)
-    unknown = sorted(set(flag_overrides) - set(flags))
-    if unknown:
-        raise TypeError(f"from_pretrained got unknown flag(s) {', '.join(unknown)}; pass model or diffusion flags")
-    reheaded = any(key in HEAD_FLAGS and flags[key] != value for key, value in flag_overrides.items())
-    flags.update(flag_overrides)
+    saved, _ = pretrained_flags(folder_or_file, preset=preset)
+    flags, name = pretrained_flags(folder_or_file, preset=preset, **flag_overrides)
+    reheaded = any(saved[key] != flags[key] for key in HEAD_FLAGS)
     model, diffusion = build(flags)
     state_dict = read_weights(folder_or_file, ema_rate=ema_rate)
     source = os.fspath(folder_or_file) + (f" (preset {name})" if name else "")
