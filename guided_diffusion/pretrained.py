@@ -28,7 +28,9 @@ import torch
 
 from . import checkpoints, dist_util, logger, presets
 from .atomic import atomic_write
-from .flags import model_and_diffusion_defaults, model_extra_defaults, sr_extra_defaults, sr_model_and_diffusion_defaults
+from .flags import (
+    model_and_diffusion_defaults, model_extra_defaults, sr_extra_defaults, sr_model_and_diffusion_defaults,
+)
 from .script_util import create_model_and_diffusion, sr_create_model_and_diffusion
 
 WEIGHTS_NAME = "model.safetensors"
