@@ -173,6 +173,8 @@ _SOLVER_OPTIONS = {
                          "for large guidance scales",
     "sigma_max": "start the solver's grid at this noise level (default: 80 with the solver's default spacing, "
                  "else the chain's top; see solvers.timesteps)",
+    "sigma_min": "end a time_uniform, logsnr or karras grid at this noise level (default: 0.05 with the "
+                 "solver's default logsnr spacing, else t = 0; see solvers.timesteps)",
 }
 
 
@@ -283,7 +285,8 @@ def _solver_loop(diffusion, args: argparse.Namespace) -> Callable:
     """``solvers.sample`` for ``--sampler``, called like the original's loops."""
     options = solver_options(args)
     spacing = args.spacing or None
-    solvers.grid(diffusion, args.sampler, args.steps, spacing, options.get("sigma_max"))  # check early
+    solvers.grid(diffusion, args.sampler, args.steps, spacing, options.get("sigma_max"),
+                 options.get("sigma_min"))  # check early
 
     def loop(model, shape, *, clip_denoised, model_kwargs, cond_fn, device, progress):
         return solvers.sample(
