@@ -43,6 +43,7 @@ DIFFUSERS_VERSION = "0.42.1"  # the version whose config layout this writes (tes
 
 _RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
         "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RES_BACK = {theirs: ours for ours, theirs in _RES.items()}
 
 
 def _refuse(text):
@@ -242,8 +243,7 @@ def from_diffusers_state_dict(state_dict, flags):
             rest = key[len(target) + 1:]
             if kind == "res":
                 module, _, param = rest.rpartition(".")
-                inverse = {v: k for k, v in _RES.items()}
-                out[f"{ours}.{inverse[module]}.{param}"] = state_dict[key]
+                out[f"{ours}.{_RES_BACK[module]}.{param}"] = state_dict[key]
             elif kind == "plain":
                 out[f"{ours}.{rest}"] = state_dict[key]
             elif rest.startswith("group_norm."):
@@ -372,7 +372,7 @@ def import_folder(folder):
 
     The flags saved by `export` are used when present (so the legacy head order and the
     named noise schedule come back exactly); otherwise they are read off the diffusers
-    configs (new head order; give the noise schedule yourself if it is not linear).
+    configs (new head order; the linear or cosine schedule that the betas match).
     """
     unet_config = _read_json(os.path.join(folder, UNET_DIR, "config.json"))
     scheduler = _read_json(os.path.join(folder, SCHEDULER_DIR, "scheduler_config.json"))

@@ -201,9 +201,11 @@ def load_fitting(model, state_dict, *, flags=None, source=""):
     dropped = sorted(key for key in HEAD_KEYS if key in state_dict and key not in model_state)
     kept = {key: value for key, value in state_dict.items() if key not in fresh and key not in dropped}
     rest = {key: value for key, value in model_state.items() if key not in fresh}
-    message = checkpoints.describe_mismatch(rest, kept, flags=flags, source=source)
-    if message:
-        raise checkpoints.CheckpointError(message)
+    if checkpoints.describe_mismatch(rest, kept):
+        # the strict load's message: the heads help it infer the flags the weights imply
+        raise checkpoints.CheckpointError(
+            checkpoints.describe_mismatch(model_state, state_dict, flags=flags, source=source)
+        )
     model.load_state_dict(kept, strict=False)
     where = f" from {source}" if source else ""
     logger.log(

@@ -10,7 +10,8 @@ and writes ``unet/`` and ``scheduler/``, which diffusers' ``UNet2DModel.from_pre
 and ``DDPMScheduler.from_pretrained`` load without custom code (see
 ``guided_diffusion.diffusers_interop`` for what cannot be expressed and is refused).
 ``--reverse`` reads such a folder and writes a pretrained folder (``save_pretrained``).
-Super-resolution models and classifiers cannot be exported.
+Super-resolution models and classifiers cannot be exported, nor the consistency-models
+checkpoints (Karras denoisers, which DDPMScheduler cannot drive).
 """
 
 import argparse
@@ -21,7 +22,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
     sys.path.insert(0, _REPO)  # run from a checkout without installing
 
-from guided_diffusion import checkpoints, diffusers_interop, errors, pretrained  # noqa: E402
+from guided_diffusion import checkpoints, diffusers_interop, errors, presets, pretrained  # noqa: E402
 
 
 def create_argparser():
@@ -50,7 +51,12 @@ def main(argv=None):
         checkpoints.load_model_weights(model, state_dict, flags=flags, source=args.model_path)
         pretrained.save_pretrained(model, flags, args.out)
     else:
-        flags, _ = pretrained.pretrained_flags(args.model_path, preset=args.preset)
+        flags, name = pretrained.pretrained_flags(args.model_path, preset=args.preset)
+        if presets.PRESETS.get(name, {}).get("source") == "consistency-models":
+            raise errors.UsageError(
+                f"{name} is a consistency-models checkpoint, a Karras denoiser (time input 250 ln sigma) that "
+                f"DDPMScheduler cannot drive; sample it here (image_sample.py --preset {name} --model_path ...)"
+            )
         model, _ = pretrained.from_pretrained(args.model_path, preset=args.preset)
         diffusers_interop.export(model, flags, args.out)
     print(os.path.abspath(args.out), flush=True)

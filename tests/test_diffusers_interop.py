@@ -129,3 +129,9 @@ def test_export_script_and_its_reverse_round_trip_a_pretrained_folder(diffusers,
     script.main(["--reverse", "--model_path", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
     back, _ = pretrained.from_pretrained(tmp_path / "back")
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_consistency_model_checkpoint_is_refused_naming_its_preset(tmp_path):
+    with pytest.raises(ValueError, match="ct_bedroom256 is a consistency-models checkpoint"):
+        _script("export_diffusers").main(["--model_path", str(tmp_path / "ct_bedroom256.pt"),
+                                          "--out", str(tmp_path / "hf")])

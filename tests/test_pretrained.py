@@ -13,6 +13,8 @@ from PIL import Image
 
 from guided_diffusion import checkpoints, logger, pretrained
 from guided_diffusion.digits_check import digit_to_image, load_real_digits
+from guided_diffusion.flags import classifier_and_diffusion_defaults
+from guided_diffusion.script_util import create_classifier_and_diffusion
 
 torch.set_num_threads(1)
 
@@ -114,6 +116,24 @@ def test_reheading_loads_what_fits_and_reinitialises_the_rest_as_a_fresh_model(d
         assert torch.equal(value, fresh[key] if key in expected else weights[key]), key
 
 
+def test_an_rgb_model_reheaded_to_grayscale_names_the_same_convolutions(digits_folder, tmp_path):
+    folder, weights, _ = digits_folder
+    rgb, _ = pretrained.from_pretrained(folder, in_channels=3)
+    pretrained.save_pretrained(rgb, dict(DIGITS, in_channels=3), tmp_path)
+    state, names, fresh = _reheaded(str(tmp_path), 8, in_channels=1)
+    expected = ["input_blocks.0.0.weight", "out.2.bias", "out.2.weight"]
+    assert names.split(", ") == expected
+    for key, value in state.items():
+        assert torch.equal(value, fresh[key] if key in expected else weights[key]), key
+
+
+def test_a_reheaded_load_with_a_changed_body_names_the_flags_the_weights_imply(digits_folder):
+    model, _ = pretrained.build(dict(DIGITS, num_classes=5, num_channels=64))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="--num_channels 32 \\(you gave 64\\).*--num_classes 10 \\(you gave 5\\)"):
+        pretrained.init_from(model, digits_folder[0], flags=dict(DIGITS, num_classes=5, num_channels=64))
+
+
 def test_to_adm_layout_squeezes_only_4d_attention_weights():
     state = {"a.qkv.weight": torch.ones(6, 2, 1, 1), "a.proj_out.weight": torch.ones(2, 2, 1, 1),
              "a.qkv.bias": torch.ones(6), "input_blocks.0.0.weight": torch.ones(2, 3, 1, 1)}
@@ -135,6 +155,17 @@ def test_every_sampling_script_runs_from_a_folder_with_only_model_path(digits_fo
     image_nll.main(["--model_path", folder, "--data_dir", str(data), "--num_samples", "1",
                     "--log_dir", str(tmp_path / "n")])
     assert "final bpd=" in open(tmp_path / "n" / "log.txt").read()
+    classifier_flags = dict(image_size=8, classifier_width=32, classifier_depth=1,
+                            classifier_attention_resolutions="4", in_channels=1, num_classes=10, diffusion_steps=50)
+    classifier, _ = create_classifier_and_diffusion(**dict(classifier_and_diffusion_defaults(), **classifier_flags))
+    (tmp_path / "classifier").mkdir()
+    torch.save(classifier.state_dict(), tmp_path / "classifier" / "model.pt")
+    checkpoints.save_config(tmp_path / "classifier", classifier_flags)
+    path = _script("classifier_sample").main(
+        ["--model_path", folder, "--classifier_path", str(tmp_path / "classifier" / "model.pt"), "--num_samples", "2",
+         "--batch_size", "2", "--timestep_respacing", "3", "--seed", "0", "--log_dir", str(tmp_path / "c")])
+    with np.load(path) as npz:
+        assert npz["arr_0"].shape == (2, 8, 8, 1)
     sr_flags = dict(large_size=16, small_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="8",
                     diffusion_steps=50)
     sr_model, _ = pretrained.build(sr_flags)
