@@ -316,7 +316,18 @@ def _read_json(path):
 
 # UNet2DModel settings that the ADM layout fixes.
 _ADM_FIXED = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
-                  act_fn="silu", center_input_sample=False, mid_block_type="UNetMidBlock2D", add_attention=True)
+                  attn_norm_num_groups=32, norm_eps=1e-5, act_fn="silu", center_input_sample=False,
+                  mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_padding=1,
+                  add_attention=True, class_embed_type=None)
+
+
+def _attention_groups(unet_config):
+    """The GroupNorm groups of the middle block's attention: diffusers drops that norm when
+    ``attn_norm_num_groups`` is unset with scale-shift (AdaGN) residual blocks."""
+    groups = unet_config.get("attn_norm_num_groups")
+    if groups is None and unet_config.get("resnet_time_scale_shift", "default") == "default":
+        groups = unet_config.get("norm_num_groups", 32)
+    return groups
 
 
 def _noise_schedule(scheduler, steps):
@@ -338,7 +349,8 @@ def _noise_schedule(scheduler, steps):
 
 def flags_from_diffusers(unet_config, scheduler):
     """Our flags for a UNet2DModel config of the ADM layout and a DDPMScheduler config."""
-    odd = {k: unet_config.get(k) for k, v in _ADM_FIXED.items() if unet_config.get(k, v) != v}
+    seen = dict(unet_config, attn_norm_num_groups=_attention_groups(unet_config))
+    odd = {k: seen.get(k) for k, v in _ADM_FIXED.items() if seen.get(k, v) != v}
     if odd:
         raise usage(ValueError(
             f"this UNet2DModel is not in the ADM layout ({', '.join(f'{k}={v!r}' for k, v in odd.items())}; "

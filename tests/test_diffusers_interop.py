@@ -135,3 +135,40 @@ def test_a_consistency_model_checkpoint_is_refused_naming_its_preset(tmp_path):
     with pytest.raises(ValueError, match="ct_bedroom256 is a consistency-models checkpoint"):
         _script("export_diffusers").main(["--model_path", str(tmp_path / "ct_bedroom256.pt"),
                                           "--out", str(tmp_path / "hf")])
+
+
+def _diffusers_folder(diffusers, folder, seed, **unet_config):
+    """A UNet2DModel in the ADM layout and a DDPMScheduler, each written by diffusers' own save_pretrained."""
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16, flip_sin_to_cos=True, freq_shift=0, resnet_time_scale_shift="scale_shift",
+        num_class_embeds=5, **unet_config,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    unet.save_pretrained(folder / "unet")
+    # diffusers' default linear betas (1e-4 to 0.02 over 1000 steps) are ADM's linear schedule
+    diffusers.DDPMScheduler(variance_type="learned_range").save_pretrained(folder / "scheduler")
+    return unet.eval()
+
+
+def test_a_folder_diffusers_wrote_imports_and_gives_its_output(diffusers, tmp_path):
+    unet = _diffusers_folder(diffusers, tmp_path, seed=11, attn_norm_num_groups=32)
+    flags, state = diffusers_interop.import_folder(tmp_path)
+    assert flags["learn_sigma"] and flags["num_classes"] == 5
+    assert flags["noise_schedule"] == "linear" and flags["diffusion_steps"] == 1000
+    model, _ = pretrained.build(flags)
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([4, 900]), torch.tensor([0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, t, y=y), unet(x, t, class_labels=y).sample, rtol=0, atol=1e-5)
+
+
+def test_a_unet2dmodel_without_the_middle_attention_norm_is_refused(diffusers, tmp_path):
+    _diffusers_folder(diffusers, tmp_path, seed=12)  # attn_norm_num_groups unset: no GroupNorm before attention
+    with pytest.raises(ValueError, match="not in the ADM layout \\(attn_norm_num_groups=None"):
+        diffusers_interop.import_folder(tmp_path)
