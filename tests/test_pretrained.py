@@ -107,6 +107,7 @@ def _reheaded(folder, seed, **overrides):
 @pytest.mark.parametrize("overrides, expected", [
     (dict(num_classes=5), ["label_emb.weight"]),
     (dict(in_channels=3), ["input_blocks.0.0.weight", "out.2.bias", "out.2.weight"]),
+    (dict(learn_sigma=False), ["out.2.bias", "out.2.weight"]),
 ])
 def test_reheading_loads_what_fits_and_reinitialises_the_rest_as_a_fresh_model(digits_folder, overrides, expected):
     folder, weights, _ = digits_folder
