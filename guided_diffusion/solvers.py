@@ -114,7 +114,7 @@ class KarrasDenoiser:
         return x0
 
     def _x0(self, x_t, model_t, alpha, sigma_vp, model_kwargs):
-        dtype = _model_dtype(self.model, x_t)
+        dtype = model_dtype(self.model, x_t)
         x_in = x_t.to(dtype)
         output = self.model(x_in, model_t.to(dtype), **model_kwargs)
         self.calls += 1
@@ -294,7 +294,7 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     """
     step_fn = _solver(solver)
     times = grid(diffusion, step_fn, steps, spacing, options.pop("sigma_max", None), options.pop("sigma_min", None))
-    _check_options(step_fn, options)
+    check_options(step_fn, options)
     denoiser = KarrasDenoiser(
         diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
         dynamic_threshold=options.pop("dynamic_threshold", None), model_kwargs=model_kwargs,
@@ -322,11 +322,19 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     def draw():
         return torch.randn(y.shape, generator=generator, device=device, dtype=torch.float64)
 
-    memory = {}
-    for i in progress_bar(range(steps), progress):
-        with torch.no_grad():  # guidance functions enable gradients for themselves
-            y = step_fn(denoise, y, Step(i, steps, sigmas, times_t, memory, options, draw))
+    y = integrate(step_fn, denoise, y, sigmas, times_t, options, draw, progress)
     return Result(y.to(noise.dtype), denoiser.calls, times)
+
+
+def integrate(step_fn, denoise, y, sigmas, times, options, draw, progress=False):
+    """The loop of every solver: ``len(sigmas) - 1`` steps of ``step_fn`` from ``sigmas[0]`` down to
+    ``sigmas[-1]`` (0), over any denoiser ``denoise(y, sigma) -> x_0``; ``draw()`` gives fresh noise."""
+    memory = {}
+    count = len(sigmas) - 1
+    for i in progress_bar(range(count), progress):
+        with torch.no_grad():  # guidance functions enable gradients for themselves
+            y = step_fn(denoise, y, Step(i, count, sigmas, times, memory, options, draw))
+    return y
 
 
 def _carry_from_top(denoise, noise, sigma_top, sigma_start):
@@ -400,7 +408,7 @@ def _solver(solver):
     return SOLVERS[solver]
 
 
-def _check_options(step_fn, options):
+def check_options(step_fn, options):
     known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -680,7 +688,9 @@ def _expand(values, like):
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _model_dtype(model, x):
+def model_dtype(model, x):
+    """The dtype to feed ``model``: its first parameter's (float32 for float16 UNets, which cast
+    inside), else ``x``'s."""
     parameters = getattr(model, "parameters", None)
     if callable(parameters):
         first = next(iter(parameters()), None)
