@@ -222,6 +222,7 @@ def main(argv=None):
     p.add_argument("--spacing", default="",
                    help="comma-separated spacings to run every solver with (default: each solver's own)")
     p.add_argument("--sigma_max", type=float, default=None, help="the solvers' sigma_max (solvers.timesteps)")
+    p.add_argument("--sigma_min", type=float, default=None, help="the solvers' sigma_min (solvers.timesteps)")
     p.add_argument("--solver_order", type=int, default=None, help="order of unipc / ipndm")
     p.add_argument("--cfg_scales", default="",
                    help="comma-separated classifier-free guidance scales: run the solvers at each, with and "
@@ -260,9 +261,10 @@ def main(argv=None):
                 if fn is not None:
                     rows.append(bench.score(f"k-diffusion dpmpp_2m, {label}", fn)[0])
         for name in args.solvers.split(","):
-            # None: the solver's defaults (its spacing, from sigma_max = 80), as a new user gets them
+            # None: the solver's defaults (its spacing and sigma range), as a new user gets them
             for spacing in args.spacing.split(",") if args.spacing else [None]:
-                options = {"sigma_max": args.sigma_max} if args.sigma_max is not None else {}
+                options = {k: v for k, v in (("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
+                           if v is not None}
                 if args.solver_order is not None and name in ("unipc", "ipndm"):
                     options["order"] = args.solver_order
                 fn = solver_fn(bench, name, steps_for(name, calls), spacing, **options)

@@ -1,7 +1,7 @@
 """Score a sample batch against a reference batch: IS, FID, sFID, precision, recall.
 
     python evaluations/evaluator.py REF.npz SAMPLE.npz [--inception_weights PATH]
-        [--batch_size 64] [--device cuda|cpu]
+        [--batch_size 64] [--device cuda|cpu] [--cache_dir DIR] [--exact]
 
 The command line, the printed lines and the Python surface (``Evaluator``,
 ``FIDStatistics``, ``ManifoldEstimator``, ``open_npz_array``) are those of
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make the `evaluations` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from evaluations.activations import CACHE_ENV, ActivationsCache  # noqa: E402
 from evaluations.inception import (  # noqa: E402
     WEIGHTS_ENV,
     InceptionV3,
@@ -86,6 +87,12 @@ class Evaluator:
     :param device: torch device (default: CUDA when available, else CPU).
     :param weights_path: the ``pt_inception-2015-12-05-6726825d.pth`` file.
     :param progress: show tqdm progress bars over batches.
+    :param cache_dir: folder of the activations cache (``evaluations/activations.py``):
+                      ``read_activations`` computes a file's features once;
+                      None (default) caches nothing.
+    :param exact: precision/recall from float64 distances instead of the
+                  original's float16 arithmetic (a deviation: scores move by
+                  about 1/1000; see docs/evaluation.md).
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class Evaluator:
         device=None,
         weights_path: Optional[str] = None,
         progress: bool = True,
+        cache_dir: Optional[str] = None,
+        exact: bool = False,
     ):
         if batch_size < 1 or softmax_batch_size < 1:
             raise ValueError(
@@ -109,7 +118,9 @@ class Evaluator:
         self.weights_path = weights_path
         self.progress = progress
         self._network = network.to(self.device).eval() if network is not None else None
-        self.manifold_estimator = ManifoldEstimator(self.device)
+        self.cache_dir = cache_dir
+        self._cache = None
+        self.manifold_estimator = ManifoldEstimator(self.device, dtype="float64" if exact else "float16")
 
     @property
     def network(self) -> InceptionV3:
@@ -123,10 +134,26 @@ class Evaluator:
 
     # -- features ----------------------------------------------------------
 
+    @property
+    def cache(self) -> Optional[ActivationsCache]:
+        """The activations cache in ``cache_dir`` (None without one); loads the network to key it."""
+        if self._cache is None and self.cache_dir:
+            self._cache = ActivationsCache(self.cache_dir, self.network, progress=self.progress)
+        return self._cache
+
     def read_activations(self, npz_path: str) -> Tuple[np.ndarray, np.ndarray]:
-        """``(pool [N, 2048], spatial [N, 2023])`` features of ``arr_0`` in ``npz_path``, streamed."""
+        """``(pool [N, 2048], spatial [N, 2023])`` features of ``arr_0`` in ``npz_path``, streamed
+        (or read from the activations cache when it has this file's)."""
         with open_npz_array(npz_path, "arr_0") as reader:
-            return self.compute_activations(reader.read_batches(self.batch_size))
+            entry = self.cache.path_for(npz_path) if self.cache is not None else None
+            cached = self.cache.load(entry) if entry is not None else None
+            if cached is not None:
+                print(f"using cached activations {entry}", file=sys.stderr)
+                return cached
+            activations = self.compute_activations(reader.read_batches(self.batch_size))
+        if entry is not None:
+            self.cache.save(entry, activations)
+        return activations
 
     @torch.no_grad()
     def compute_activations(self, batches: Iterable[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
@@ -230,6 +257,18 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument(
+        "--cache_dir",
+        default=os.environ.get(CACHE_ENV) or None,
+        help=f"folder caching each batch file's activations, keyed by the file's sha256, so a file "
+        f"is run through the network once (default: ${CACHE_ENV}; unset: no cache)",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="precision/recall from float64 distances; differs from the original evaluator, "
+        "whose float16 distances are the default (docs/evaluation.md)",
+    )
     return parser
 
 
@@ -245,7 +284,13 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args, device) -> None:
-    evaluator = Evaluator(batch_size=args.batch_size, device=device, weights_path=args.inception_weights)
+    evaluator = Evaluator(
+        batch_size=args.batch_size,
+        device=device,
+        weights_path=args.inception_weights,
+        cache_dir=args.cache_dir,
+        exact=args.exact,
+    )
     print("loading the Inception network...")
     evaluator.warmup()
 

@@ -20,7 +20,8 @@ The graph differs from torchvision's ``Inception3``:
 
 Outputs (``InceptionOutputs``): ``pool`` [N, 2048] (TF ``pool_3``, for FID),
 ``spatial`` [N, 2023] (the first 7 channels of TF ``mixed_6/conv``, 17x17,
-flattened channel-major, for sFID) and ``logits`` [N, 1008] (TF ``softmax/logits``).
+flattened in TF's NHWC order, i.e. (h, w, c), for sFID: see ``spatial_features``)
+and ``logits`` [N, 1008] (TF ``softmax/logits``).
 TF ``mixed_6/conv`` is the ReLU output of the 1x1 branch of the third 17x17
 block, ``Mixed_6d.branch1x1`` here (docs/evaluation.md gives the sources).
 """
@@ -46,6 +47,7 @@ __all__ = [
     "InceptionOutputs",
     "InceptionV3",
     "resize_bilinear_tf1",
+    "spatial_features",
     "resolve_weights_path",
     "verify_weights_file",
     "load_inception",
@@ -109,6 +111,18 @@ def resize_bilinear_tf1(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.T
     top = top_left + (top_right - top_left) * xlerp
     bottom = bottom_left + (bottom_right - bottom_left) * xlerp
     return top + (bottom - top) * ylerp[:, None]
+
+
+def spatial_features(feature_map: torch.Tensor) -> torch.Tensor:
+    """sFID features of an NCHW ``mixed_6/conv`` map: [N, SPATIAL_CHANNELS * H * W].
+
+    The original slices ``spatial[..., :7]`` of TensorFlow's NHWC tensor and
+    reshapes it to ``[N, -1]``, so the vector runs over (h, w, c) with the channel
+    fastest. FID statistics are not invariant to that permutation once they are
+    compared with precomputed ``mu_s``/``sigma_s`` (OpenAI's reference batches),
+    so the order is part of the metric.
+    """
+    return feature_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(start_dim=1)
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +331,7 @@ class InceptionV3(nn.Module):
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)
         branches = self.Mixed_6d.branch_outputs(x)
-        spatial = branches[0][:, :SPATIAL_CHANNELS].flatten(start_dim=1)  # TF mixed_6/conv
+        spatial = spatial_features(branches[0])  # TF mixed_6/conv
         x = torch.cat(branches, dim=1)
         for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)

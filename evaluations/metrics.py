@@ -14,8 +14,8 @@ Numeric conventions follow OpenAI's ADM evaluator (guided-diffusion,
   (Salimans et al. 2016), splits of 5000 images.
 * Precision/recall: k-nearest-neighbour hyperspheres (Kynkaanniemi et al. 2019,
   "Improved precision and recall metric"), k = 3, squared Euclidean distances
-  computed in float16 first (on GPUs), in float32 when float16 overflows, in
-  blocks of 10000 x 10000.
+  with the original's float16 arithmetic (on every device), in float32 when
+  float16 overflows, in blocks of 10000 x 10000; float64 on request.
 """
 
 import warnings
@@ -169,45 +169,78 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
 
 
 def _squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances [len(u) x len(v)], clamped at 0."""
+    """Pairwise squared Euclidean distances [len(u) x len(v)], clamped at 0, in u's dtype."""
     norm_u = (u * u).sum(dim=1, keepdim=True)
     norm_v = (v * v).sum(dim=1, keepdim=True).T
     return torch.clamp(norm_u - 2 * (u @ v.T) + norm_v, min=0.0)
 
 
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 ``x`` to the nearest float16 value (inf beyond 65504), kept in float32."""
+    return x.half().float()
+
+
+def _squared_distances_float16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The original's float16 distance block ``max(|u|^2 - 2 u.v + |v|^2, 0)``, in float32 storage.
+
+    The original's TF graph casts both blocks to float16; ``tf.square`` rounds each
+    square to float16, ``reduce_sum`` and ``matmul`` accumulate in float32 (on the
+    GPU) and round once, and the doubling, subtraction, addition and maximum are
+    float16 operations. Each of those roundings is made here explicitly on float32
+    tensors: float32 holds every float16 value and product exactly, and rounding
+    a float32 sum or difference of two float16 values to float16 gives the
+    correctly rounded float16 result (24 >= 2 * 11 + 2 bits), so the numbers are
+    the float16 ones on any device, without slow float16 kernels on CPUs.
+    """
+    u, v = _half(u), _half(v)
+    norm_u = _half(_half(u * u).sum(dim=1, keepdim=True))
+    norm_v = _half(_half(v * v).sum(dim=1, keepdim=True)).T
+    dist = _half(u @ v.T)
+    dist = _half(dist.mul_(-2))  # exact, but overflows to -inf where float16 would
+    dist = _half(dist.add_(norm_u))
+    dist = _half(dist.add_(norm_v))
+    return dist.clamp_(min=0.0)
+
+
+DISTANCE_DTYPES = ("float16", "float32", "float64")
+
+
 class DistanceBlock:
     """Pairwise squared distances between two blocks of feature vectors.
 
-    Like the original evaluator, distances are computed in float16 (fast on
-    GPUs) and recomputed in float32 only when float16 overflows somewhere in the
-    block; ``use_float16=False`` always uses float32.
-
     :param device: torch device for the arithmetic (default: CUDA when available).
-    :param use_float16: try float16 first, as the original does; the default
-                        (None) does so on CUDA only, since float16 matrix
-                        products are very slow on CPUs.
+    :param dtype: ``"float16"`` (default): the original's arithmetic, float16
+                  distances recomputed in float32 when float16 overflows
+                  anywhere in the block (see ``_squared_distances_float16``);
+                  ``"float32"``: float32 throughout; ``"float64"``: exact
+                  distances (``--exact``). Only ``"float16"`` reproduces the
+                  original's precision and recall: the float16 rounding of
+                  distances near the k-NN radii decides ties at ~1/1000 relative.
     """
 
-    def __init__(self, device=None, use_float16: Optional[bool] = None):
+    def __init__(self, device=None, dtype: str = "float16"):
+        if dtype not in DISTANCE_DTYPES:
+            raise ValueError(f"distance dtype must be one of {DISTANCE_DTYPES}, got {dtype!r}.")
         self.device = torch.device(device) if device is not None else _default_device()
-        self.use_float16 = self.device.type == "cuda" if use_float16 is None else use_float16
+        self.dtype = dtype
+        self._torch_dtype = torch.float64 if dtype == "float64" else torch.float32
 
     def _tensor(self, array) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
-            return array.to(self.device, torch.float32)
-        return torch.as_tensor(np.asarray(array, dtype=np.float32), device=self.device)
+            return array.to(self.device, self._torch_dtype)
+        return torch.as_tensor(np.asarray(array), device=self.device).to(self._torch_dtype)
 
     def distances(self, u, v) -> torch.Tensor:
-        """float32 tensor of squared distances, on ``self.device``."""
+        """Squared distances on ``self.device``: float64 for ``"float64"``, else float32."""
         u, v = self._tensor(u), self._tensor(v)
-        if self.use_float16:
-            dist = _squared_distances(u.half(), v.half())
+        if self.dtype == "float16":
+            dist = _squared_distances_float16(u, v)
             if torch.isfinite(dist).all():
-                return dist.float()
+                return dist
         return _squared_distances(u, v)
 
     def pairwise_distances(self, U, V) -> np.ndarray:
-        """[len(U) x len(V)] float32 numpy array of squared distances."""
+        """[len(U) x len(V)] numpy array of squared distances (float64 for ``"float64"``, else float32)."""
         return self.distances(U, V).cpu().numpy()
 
     def less_thans(self, batch_1, radii_1, batch_2, radii_2) -> Tuple[np.ndarray, np.ndarray]:
@@ -238,8 +271,8 @@ class ManifoldEstimator:
     :param clamp_to_percentile: when set, radii above this percentile (per k)
                                 are set to 0, pruning outlier hyperspheres.
     :param eps: added to distances in the realism score, against division by 0.
-    :param use_float16: compute distances in float16 first (the original's choice;
-                        default: on CUDA only, see ``DistanceBlock``).
+    :param dtype: arithmetic of the distances, see ``DistanceBlock`` (default
+                  ``"float16"``, the original's).
     """
 
     def __init__(
@@ -250,14 +283,14 @@ class ManifoldEstimator:
         nhood_sizes: Sequence[int] = (3,),
         clamp_to_percentile: Optional[float] = None,
         eps: float = 1e-5,
-        use_float16: Optional[bool] = None,
+        dtype: str = "float16",
     ):
         if row_batch_size < 1 or col_batch_size < 1:
             raise ValueError(
                 f"row_batch_size and col_batch_size must be positive, got "
                 f"{row_batch_size} and {col_batch_size}."
             )
-        self.distance_block = DistanceBlock(device, use_float16=use_float16)
+        self.distance_block = DistanceBlock(device, dtype=dtype)
         self.row_batch_size = row_batch_size
         self.col_batch_size = col_batch_size
         self.nhood_sizes = tuple(int(k) for k in nhood_sizes)
@@ -274,7 +307,12 @@ class ManifoldEstimator:
         return torch.cat(blocks, dim=1)
 
     def manifold_radii(self, features: np.ndarray) -> np.ndarray:
-        """[N x len(nhood_sizes)] float32 squared k-NN radii of ``features`` [N x D]."""
+        """[N x len(nhood_sizes)] squared k-NN radii of ``features`` [N x D].
+
+        float32 as in the original (float64 with ``dtype="float64"``); with
+        float16 distances a vector's distance to itself need not be 0, and it
+        stays among the candidates as the original's ``np.partition`` keeps it.
+        """
         num = len(features)
         largest_k = max(self.nhood_sizes)
         if num <= largest_k:
@@ -283,10 +321,11 @@ class ManifoldEstimator:
                 f"vectors, got {num}: use more images or smaller nhood_sizes."
             )
         features = self.distance_block._tensor(features)
-        radii = np.zeros([num, self.num_nhoods], dtype=np.float32)
+        exact = self.distance_block.dtype == "float64"
+        radii = np.zeros([num, self.num_nhoods], dtype=np.float64 if exact else np.float32)
         for start in range(0, num, self.row_batch_size):
             dist = self._row_distances(features[start : start + self.row_batch_size], features)
-            # Position k of the sorted row: position 0 is the vector itself.
+            # Position k of the sorted row: the vector itself takes one of the first k + 1.
             nearest = torch.topk(dist, largest_k + 1, dim=1, largest=False).values
             radii[start : start + len(dist)] = nearest[:, list(self.nhood_sizes)].cpu().numpy()
 

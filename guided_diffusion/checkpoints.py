@@ -169,10 +169,16 @@ def _read_config(path):
 
 
 def find_config(checkpoint_path):
-    """Flags saved beside a checkpoint: ``<stem>.json``, else ``config.json``; ``None`` if neither."""
+    """Flags saved beside a checkpoint: ``<stem>.json``, else ``config.json``; ``None`` if neither.
+
+    For a folder (a pretrained folder), its own ``config.json``.
+    """
     checkpoint_path = os.fspath(checkpoint_path)
     if _is_remote(checkpoint_path):
         return None
+    if os.path.isdir(checkpoint_path):
+        inside = os.path.join(checkpoint_path, CONFIG_NAME)
+        return _read_config(inside) if os.path.isfile(inside) else None
     folder = os.path.dirname(os.path.abspath(checkpoint_path))
     stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
     for candidate in (os.path.join(folder, stem + ".json"), os.path.join(folder, CONFIG_NAME)):

@@ -201,6 +201,8 @@ FLAG_HELP = {
     "class_dropout_prob": "share of class labels replaced by the null label -1 in training, so the model "
                           "also learns the unconditional case for classifier-free guidance (0: the original's "
                           "training)",
+    "init_from": "fine-tune from these weights (a checkpoint file or pretrained folder): weights only, fresh "
+                 "optimizer, step 0; heads whose shape the flags changed are re-initialised",
 }
 
 

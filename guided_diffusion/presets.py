@@ -3,7 +3,7 @@
 Data only. Each preset is a dict:
 
 - ``kind``: ``"diffusion"``, ``"classifier"`` or ``"super-res"`` (which factory builds it);
-- ``source``: ``"guided-diffusion"`` or ``"improved-diffusion"``;
+- ``source``: ``"guided-diffusion"``, ``"improved-diffusion"`` or ``"consistency-models"``;
 - ``checkpoint``: the released file name, ``url``: where it was published;
 - ``description``: one line on what the model is;
 - ``flags``: every model and diffusion flag of the checkpoint, spelled out in
@@ -24,6 +24,7 @@ from .flags import model_and_diffusion_defaults
 
 _GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 _IMPROVED_URL = "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"
+_CONSISTENCY_URL = "https://openaipublic.blob.core.windows.net/consistency/"
 
 # guided-diffusion's model_and_diffusion_defaults(): every preset starts from them.
 _GUIDED_DEFAULTS = model_and_diffusion_defaults()
@@ -89,6 +90,48 @@ def _release(source, url, name, kind, description, flags, sample_flags=None, tra
         sample_flags=sample_flags or {},
         train_flags=train_flags or {},
    )
+
+
+# openai/consistency_models (Song et al. 2023): ADM UNets without learned variance whose
+# attention runs in the new head order (its flash-attention path); scripts/launch.sh gives
+# the flags. EDM teachers trained with dropout 0.1, CD/CT students with none.
+_CM_IMAGENET64 = dict(
+    _GUIDED_DEFAULTS, image_size=64, class_cond=True, num_channels=192, num_head_channels=64, num_res_blocks=3,
+    attention_resolutions="32,16,8", resblock_updown=True, use_fp16=True, use_scale_shift_norm=True,
+    use_new_attention_order=True, learn_sigma=False,
+)
+_CM_LSUN256 = dict(
+    _GUIDED_DEFAULTS, image_size=256, class_cond=False, num_channels=256, num_head_channels=64, num_res_blocks=2,
+    attention_resolutions="32,16,8", resblock_updown=True, use_fp16=True, use_scale_shift_norm=False,
+    use_new_attention_order=True, learn_sigma=False,
+)
+_CM_DATASETS = {"imagenet64": ("ImageNet 64x64 class-conditional", _CM_IMAGENET64),
+                "bedroom256": ("LSUN bedroom 256x256", _CM_LSUN256),
+                "cat256": ("LSUN cat 256x256", _CM_LSUN256)}
+# Two-step sampling from scripts/launch.sh (--ts); the grid has last + 1 points.
+_CM_TWO_STEP = {"cd_imagenet64_l2": "0,22,39", "cd_imagenet64_lpips": "0,22,39", "ct_imagenet64": "0,106,200",
+                "cd_bedroom256_l2": "0,18,39", "cd_bedroom256_lpips": "0,17,39", "ct_bedroom256": "0,67,150",
+                "ct_cat256": "0,62,150"}
+_CM_KINDS = {"edm": "EDM teacher (Karras et al. 2022 preconditioning)",
+             "cd_l2": "consistency distillation from the EDM teacher, L2 metric",
+             "cd_lpips": "consistency distillation from the EDM teacher, LPIPS metric",
+             "ct": "consistency training (no teacher), LPIPS metric"}
+
+
+def _consistency(dataset, kind):
+    """The preset of consistency_models' checkpoint ``kind`` (edm, cd_l2, cd_lpips, ct) on ``dataset``."""
+    what, flags = _CM_DATASETS[dataset]
+    if kind == "edm":
+        name = f"edm_{dataset}_ema"
+        sample = dict(sampler="heun", steps=40, denoiser="edm")
+    else:
+        method, _, metric = kind.partition("_")
+        name = f"{method}_{dataset}" + (f"_{metric}" if metric else "")
+        two_step = _CM_TWO_STEP.get(name)
+        sample = dict(sampler="cm_multistep", cm_ts=two_step) if two_step else dict(sampler="cm_onestep")
+    flags = dict(flags, dropout=0.1 if kind == "edm" else 0.0)
+    return _release("consistency-models", _CONSISTENCY_URL, name, "diffusion", f"{what} {_CM_KINDS[kind]}",
+                    flags=flags, sample_flags=dict(sample, batch_size=4, num_samples=100))
 
 
 def _guided(*args, **kwargs):
@@ -235,6 +278,8 @@ PRESETS = dict([
         flags=_IMPROVED_LSUN,
         train_flags=dict(lr=2e-5, batch_size=128),
     ),
+    # ------------------------------------------------------------ consistency models
+    *(_consistency(dataset, kind) for dataset in _CM_DATASETS for kind in _CM_KINDS),
 ])
 
 PURPOSES = (None, "sample", "train")

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoints, dist_util, guidance, logger, perf, presets, solvers
+from . import checkpoints, consistency, dist_util, guidance, logger, perf, presets, pretrained, solvers
 from .errors import UsageError
 from .outputs import save_samples, to_uint8_images
 from .respace import space_timesteps
@@ -72,9 +72,19 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
     """``--sampler NAME --steps N [--spacing S]`` and the solvers' options (guided_diffusion.solvers)."""
     group = parser.add_argument_group("few-step solvers (instead of the original's DDPM / DDIM / PLMS loops)")
     group.add_argument(
-        "--sampler", default="", choices=["", *solvers.SOLVERS],
-        help="sample with this solver of guided_diffusion.solvers in --steps steps (default: the "
-        "original's loops, chosen by --use_ddim / --use_plms)",
+        "--sampler", default="", choices=["", *solvers.SOLVERS, *consistency.CM_SAMPLERS],
+        help="sample with this solver of guided_diffusion.solvers in --steps steps, or a consistency model "
+        "with cm_onestep / cm_multistep (--cm_ts) (default: the original's loops, chosen by --use_ddim / --use_plms)",
+    )
+    group.add_argument(
+        "--cm_ts", default="0,22,39",
+        help="cm_multistep: the points of the Karras grid (of last + 1 noise levels) where the consistency "
+        "model jumps to x_0 (default 0,22,39: two steps on 40 levels, as the consistency-models paper)",
+    )
+    group.add_argument(
+        "--denoiser", default="", choices=["", *consistency.PRECONDITIONINGS],
+        help="the network is a Karras denoiser: edm (the consistency-models EDM teachers: run them with a "
+        "solver) or consistency (CD/CT models; the default of cm_onestep / cm_multistep). Default: the ADM chain",
     )
     group.add_argument("--steps", type=int, default=20, help="solver steps with --sampler (default: 20)")
     group.add_argument(
@@ -163,6 +173,8 @@ _SOLVER_OPTIONS = {
                          "for large guidance scales",
     "sigma_max": "start the solver's grid at this noise level (default: 80 with the solver's default spacing, "
                  "else the chain's top; see solvers.timesteps)",
+    "sigma_min": "end a time_uniform, logsnr or karras grid at this noise level (default: 0.05 with the "
+                 "solver's default logsnr spacing, else t = 0; see solvers.timesteps)",
 }
 
 
@@ -215,15 +227,17 @@ def check_respacing(diffusion_steps: int, timestep_respacing: str) -> None:
 def load_weights(model: torch.nn.Module, path: str, *, flag: str, flags: Optional[dict] = None) -> None:
     """Load the checkpoint at ``path`` (given by ``--flag``) into ``model``, strictly.
 
-    Rank 0 reads the file and broadcasts it (``dist_util.load_state_dict``); a
-    checkpoint that does not fit the model raises ``checkpoints.CheckpointError``
-    with the mismatched keys and the flags the checkpoint implies.
+    ``path`` is a checkpoint file or a pretrained folder (``pretrained.weights_file``);
+    consistency-model attention weights are squeezed to our layout. Rank 0 reads the
+    file and broadcasts it (``dist_util.load_state_dict``); a checkpoint that does not
+    fit the model raises ``checkpoints.CheckpointError`` with the mismatched keys and
+    the flags the checkpoint implies.
     """
     if not path:
         raise UsageError(f"--{flag} is empty: pass the checkpoint to load, e.g. --{flag} models/64x64_diffusion.pt")
-    if "://" not in path and not os.path.isfile(path):
-        raise UsageError(f"--{flag} {path!r}: no such file; check the path (download the checkpoint first)")
-    state_dict = dist_util.load_state_dict(path, map_location="cpu")
+    if "://" not in path and not os.path.exists(path):
+        raise UsageError(f"--{flag} {path!r}: no such file or folder; check the path (download the checkpoint first)")
+    state_dict = pretrained.read_weights(path, flag=flag)
     checkpoints.load_model_weights(model, state_dict, flags=flags, source=path)
 
 
@@ -245,6 +259,15 @@ def pick_sample_loop(diffusion, args: argparse.Namespace) -> Callable:
     sampler = getattr(args, "sampler", "")
     if args.use_ddim and use_plms:
         raise UsageError("--use_ddim and --use_plms pick two different samplers; pass only one of them.")
+    if getattr(args, "denoiser", "") and not sampler:
+        raise UsageError(f"--denoiser {args.denoiser} needs a sampler: add e.g. --sampler heun --steps 40")
+    if sampler in consistency.CM_SAMPLERS or getattr(args, "denoiser", ""):
+        if args.use_ddim or use_plms:
+            raise UsageError(f"--sampler {sampler} replaces the original's loops; drop --use_ddim / --use_plms.")
+        if getattr(args, "cfg_scale", 0):
+            raise UsageError(f"--cfg_scale works on the ADM chain, not with --sampler {sampler} on a Karras "
+                             f"denoiser; drop --cfg_scale")
+        return _karras_loop(args)
     if sampler:
         if args.use_ddim or use_plms:
             raise UsageError(
@@ -262,13 +285,43 @@ def _solver_loop(diffusion, args: argparse.Namespace) -> Callable:
     """``solvers.sample`` for ``--sampler``, called like the original's loops."""
     options = solver_options(args)
     spacing = args.spacing or None
-    solvers.grid(diffusion, args.sampler, args.steps, spacing, options.get("sigma_max"))  # check early
+    solvers.grid(diffusion, args.sampler, args.steps, spacing, options.get("sigma_max"),
+                 options.get("sigma_min"))  # check early
 
     def loop(model, shape, *, clip_denoised, model_kwargs, cond_fn, device, progress):
         return solvers.sample(
             diffusion, model, shape, args.sampler, args.steps, spacing=spacing, model_kwargs=model_kwargs,
             cond_fn=cond_fn, clip_denoised=clip_denoised, progress=progress, device=device, **options,
         )
+
+    return loop
+
+
+def _karras_loop(args: argparse.Namespace) -> Callable:
+    """The loop for a network in the Karras-denoiser parameterisation (``guided_diffusion.consistency``):
+    the consistency samplers, or a solver over the EDM / consistency preconditioning."""
+    sampler = args.sampler
+    preconditioning = args.denoiser or "consistency"
+    ts = consistency.parse_ts(args.cm_ts) if sampler == "cm_multistep" else None
+    options = solver_options(args)
+    if sampler not in consistency.CM_SAMPLERS:
+        check_positive("steps", args.steps, 40)
+        if args.spacing not in ("", "karras"):
+            raise UsageError(f"--denoiser {preconditioning} samples on the Karras grid; drop --spacing {args.spacing}")
+        solvers.check_options(solvers.SOLVERS[sampler], options)
+
+    def loop(model, shape, *, clip_denoised, model_kwargs, cond_fn, device, progress):
+        if cond_fn is not None:
+            raise UsageError("classifier guidance works on the ADM chain only; sample this model without a "
+                             "classifier (image_sample.py)")
+        denoiser = consistency.PreconditionedDenoiser(model, preconditioning, clip_denoised=clip_denoised,
+                                                      model_kwargs=model_kwargs)
+        noise = torch.randn(*shape, device=device)
+        if sampler == "cm_onestep":
+            return consistency.onestep(denoiser, noise)
+        if sampler == "cm_multistep":
+            return consistency.multistep(denoiser, noise, ts)
+        return consistency.solve(denoiser, noise, sampler, args.steps, progress=progress, **options)
 
     return loop
 

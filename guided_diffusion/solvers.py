@@ -36,6 +36,10 @@ from .samplers import model_device, progress_bar
 SPACINGS = ("adm", "trailing", "time_uniform", "logsnr", "karras", "karras_trailing")
 KARRAS_RHO = 7.0
 EDM_SIGMA_MAX = 80.0  # Karras et al. 2022, table 1: the top noise level the solvers' defaults start from
+# Where the multistep solvers' default log-SNR grids end (about 6/255 of the [-1, 1] range):
+# measured on the digits demo (benchmarks/README.md), ending there rather than at t = 0 halves
+# their error against a 1000-step reference at 10 model calls and still wins at 50.
+FEW_STEP_SIGMA_MIN = 0.05
 
 
 # ----------------------------------------------------------------------------- the denoiser
@@ -123,7 +127,7 @@ class KarrasDenoiser:
         return x0
 
     def _x0(self, x_t, model_t, alpha, sigma_vp, model_kwargs):
-        dtype = _model_dtype(self.model, x_t)
+        dtype = model_dtype(self.model, x_t)
         x_in = x_t.to(dtype)
         output = self.model(x_in, model_t.to(dtype), **model_kwargs)
         self.calls += 1
@@ -150,14 +154,18 @@ def to_karras_denoiser(diffusion, model, **kwargs):
 # ----------------------------------------------------------------------------- step spacings
 
 
-def timesteps(diffusion, steps, spacing, *, sigma_max=None):
+def timesteps(diffusion, steps, spacing, *, sigma_max=None, sigma_min=None):
     """The ``steps`` model timesteps (float64, first to last) a solver visits, in the model's chain.
 
     ``sigma_max`` (optional) lowers the top: every spacing but ``adm`` is then laid out
     from the timestep t_top of that noise level instead of T-1. Data in [-1, 1] is lost
     in noise well before sigma = 80 (Karras et al. 2022, table 1), and schedules whose
     last steps go far beyond (the cosine schedule's clipped last beta reaches sigma ~ 20,000)
-    otherwise spend a large first step where nothing happens; the solvers' defaults use 80.
+    otherwise spend a large first step where nothing happens; the solvers' defaults use 80
+    (``run`` then carries the noise down from the chain's top, see ``_carry_from_top``).
+    ``sigma_min`` (optional) raises the bottom of ``time_uniform``, ``logsnr`` and ``karras``
+    to that noise level instead of t = 0; the solver's last step then jumps from there to
+    the x_0 prediction, as a few-step grid gains nothing from finer noise.
 
     - ``adm``: the original's ``ddimN`` striding (t = 0, k, 2k, ... for the smallest
       integer stride k giving N steps), so DDIM here reproduces ``ddim_sample_loop`` on
@@ -183,8 +191,10 @@ def timesteps(diffusion, steps, spacing, *, sigma_max=None):
     if spacing not in SPACINGS:
         raise usage(ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)} (flag --spacing)."))
     if spacing == "adm":
-        if sigma_max is not None:
-            raise usage(ValueError("the adm spacing is the original's striding; sigma_max does not apply to it."))
+        if sigma_max is not None or sigma_min is not None:
+            raise usage(ValueError(
+                "the adm spacing is the original's striding; sigma_max and sigma_min do not apply to it."
+            ))
         try:
             kept = space_timesteps(schedule.num_timesteps, f"ddim{steps}")
         except ValueError:  # no integer stride gives that count: the original's plain count then
@@ -194,14 +204,28 @@ def timesteps(diffusion, steps, spacing, *, sigma_max=None):
     if sigma_max is not None and sigma_max < schedule.karras_sigma[-1]:
         top = float(schedule.t_at_karras_sigma(np.array([sigma_max]))[0])
     trailing = np.round((top + 1) * (1 - np.arange(steps) / steps)) - 1.0
+    bottom = 0.0
+    if sigma_min is not None:
+        if spacing not in ("time_uniform", "logsnr", "karras"):
+            raise usage(ValueError(
+                f"the {spacing} spacing sets its own last step; sigma_min applies to time_uniform, logsnr "
+                "and karras only."
+            ))
+        if not schedule.karras_sigma[0] <= sigma_min < schedule.karras_sigma_at(torch.tensor(top)):
+            raise usage(ValueError(
+                f"sigma_min must lie between the chain's lowest noise level {schedule.karras_sigma[0]:.4g} "
+                f"and the grid's top; got {sigma_min!r}."
+            ))
+        bottom = float(schedule.t_at_karras_sigma(np.array([sigma_min]))[0])
     if spacing == "trailing":
         return np.maximum(trailing, 0.0)
     if spacing == "time_uniform":
-        return np.linspace(top, 0, steps, dtype=np.float64)
+        return np.linspace(top, bottom, steps, dtype=np.float64)
     if spacing == "logsnr":
-        ends = schedule.logsnr_at(torch.tensor([top, 0.0], dtype=torch.float64)).numpy()
-        return _exact_ends(schedule.t_at_logsnr(np.linspace(ends[0], ends[1], steps)).numpy(), top, 0.0)
-    bottom = max(trailing[-1], 0.0) if spacing == "karras_trailing" else 0.0
+        ends = schedule.logsnr_at(torch.tensor([top, bottom], dtype=torch.float64)).numpy()
+        return _exact_ends(schedule.t_at_logsnr(np.linspace(ends[0], ends[1], steps)).numpy(), top, bottom)
+    if spacing == "karras_trailing":
+        bottom = max(trailing[-1], 0.0)
     high, low = schedule.karras_sigma_at(torch.tensor([top, bottom], dtype=torch.float64)).numpy()
     rho = 1 / KARRAS_RHO
     sigmas = np.linspace(high**rho, low**rho, steps, dtype=np.float64) ** KARRAS_RHO
@@ -272,16 +296,18 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
         clip_denoised=False, denoised_fn=None, progress=False, device=None, generator=None, **options):
     """Sample with solver ``solver`` (a name in ``SOLVERS`` or a step function) in ``steps`` steps.
 
-    Starts from ``noise`` (else a standard normal draw from ``generator``) as x at the
-    first of ``timesteps(diffusion, steps, spacing)`` and returns a ``Result`` whose
-    ``sample`` is x_0 in the dtype of the noise. ``options``: solver options (``eta``,
-    ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``, ``order``), the denoiser's
-    ``dynamic_threshold`` and the spacing's ``sigma_max``. With the default spacing (``spacing=None``)
-    every solver but ``ddim`` starts at sigma_max = 80 (``timesteps``).
+    Visits ``grid(diffusion, solver, steps, spacing)`` and returns a ``Result`` whose
+    ``sample`` is x_0 in the dtype of the noise. ``noise`` (else a standard normal draw
+    from ``generator``) is x at the first timestep, or, where the grid starts below the
+    chain's top (a ``sigma_max``; the defaults of every solver but ``ddim`` start at 80),
+    x_T at the top carried down to the grid without an extra model call
+    (``_carry_from_top``). ``options``: solver options (``eta``, ``s_churn``, ``s_tmin``,
+    ``s_tmax``, ``s_noise``, ``order``), the denoiser's ``dynamic_threshold`` and the
+    grid's ``sigma_max`` and ``sigma_min``.
     """
     step_fn = _solver(solver)
-    times = grid(diffusion, step_fn, steps, spacing, options.pop("sigma_max", None))
-    _check_options(step_fn, options)
+    times = grid(diffusion, step_fn, steps, spacing, options.pop("sigma_max", None), options.pop("sigma_min", None))
+    check_options(step_fn, options)
     denoiser = KarrasDenoiser(
         diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
         dynamic_threshold=options.pop("dynamic_threshold", None), model_kwargs=model_kwargs,
@@ -295,23 +321,24 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     schedule = diffusion.model_schedule
     times_t = torch.from_numpy(times).to(device)
     sigmas = torch.cat([schedule.karras_sigma_at(times_t), torch.zeros(1, dtype=torch.float64, device=device)])
-    start = 0
-    if torch.isinf(sigmas[0]):
-        y, start = _step_from_zero_snr(denoiser, noise.to(device=device, dtype=torch.float64), times[0], sigmas[1]), 1
-    else:
-        y = noise.to(device=device, dtype=torch.float64) / torch.rsqrt(1 + sigmas[0] ** 2)
     by_sigma = {float(s): t for s, t in zip(sigmas[:-1].tolist(), times_t)}
 
     def denoise(y, sigma):
         return denoiser.denoise(y, sigma, by_sigma.get(float(sigma)), {})
 
+    noise = noise.to(device)
+    if torch.isinf(sigmas[0]):  # the grid starts at a zero-terminal-SNR chain's SNR-0 step
+        y = _step_from_zero_snr(denoiser, noise.to(torch.float64), times[0], sigmas[1])
+        sigmas, times_t = sigmas[1:], times_t[1:]
+    elif times[0] < schedule.num_timesteps - 1 and spacing_of(step_fn, spacing) != "adm":
+        y, denoise = _carry_from_top(denoise, noise, float(schedule.karras_sigma[-1]), sigmas[0])
+    else:
+        y = noise.to(torch.float64) / torch.rsqrt(1 + sigmas[0] ** 2)
+
     def draw():
         return torch.randn(y.shape, generator=generator, device=device, dtype=torch.float64)
 
-    memory = {}
-    for i in progress_bar(range(start, steps), progress):
-        with torch.no_grad():  # guidance functions enable gradients for themselves
-            y = step_fn(denoise, y, Step(i, steps, sigmas, times_t, memory, options, draw))
+    y = integrate(step_fn, denoise, y, sigmas, times_t, options, draw, progress)
     return Result(y.to(noise.dtype), denoiser.calls, times)
 
 
@@ -329,14 +356,69 @@ def _step_from_zero_snr(denoiser, x_t, t, sigma_next):
     return x0 + sigma_next * x_t
 
 
-def grid(diffusion, solver, steps, spacing=None, sigma_max=None):
-    """The timesteps ``run`` visits: ``timesteps`` with the solver's default spacing (and sigma_max = 80
-    unless it is ``adm``) when ``spacing`` is None; checked to be distinct."""
+def integrate(step_fn, denoise, y, sigmas, times, options, draw, progress=False):
+    """The loop of every solver: ``len(sigmas) - 1`` steps of ``step_fn`` from ``sigmas[0]`` down to
+    ``sigmas[-1]`` (0), over any denoiser ``denoise(y, sigma) -> x_0``; ``draw()`` gives fresh noise."""
+    memory = {}
+    count = len(sigmas) - 1
+    for i in progress_bar(range(count), progress):
+        with torch.no_grad():  # guidance functions enable gradients for themselves
+            y = step_fn(denoise, y, Step(i, count, sigmas, times, memory, options, draw))
+    return y
+
+
+def _carry_from_top(denoise, noise, sigma_top, sigma_start):
+    """The state at ``sigma_start`` of the probability-flow ODE started from ``noise`` as x_T at the
+    chain's top, and a ``denoise`` that serves its model call to the first step.
+
+    Above sigma_max = 80 the denoiser barely changes (it predicts about the data mean), so
+    one DDIM step y' = D + (sigma' / sigma)(y - D) carries the top's state down, with D taken
+    at the lower end: the model call the first solver step makes there anyway. Without it
+    the solvers would start from the noise at sigma_max itself, drop the data mean that the
+    reference (the original's loops from x_T) carries, and stop converging to it at about
+    1% of the image's range. D is evaluated at the state the top noise alone gives; the
+    shift by D moves D itself by about D / sigma'^2, far below the solvers' error. At a
+    zero-terminal-SNR top (sigma infinite, x_T pure noise) the step is its limit,
+    y' = D + sigma' x_T.
+    """
+    if math.isinf(sigma_top):
+        start = sigma_start * noise.to(torch.float64)
+        x0 = denoise(start, sigma_start)
+        y = x0 + start
+    else:
+        y_top = noise.to(torch.float64) / math.sqrt(1 / (1 + sigma_top**2))
+        ratio = sigma_start / sigma_top
+        x0 = denoise(ratio * y_top, sigma_start)
+        y = x0 + ratio * (y_top - x0)
+    pending = [x0]
+
+    def denoise_serving_first(state, sigma):
+        if pending and state is y and float(sigma) == float(sigma_start):
+            return pending.pop()
+        pending.clear()  # the first step asked elsewhere (e.g. Heun's churn): a fresh call
+        return denoise(state, sigma)
+
+    return y, denoise_serving_first
+
+
+def spacing_of(solver, spacing=None):
+    """The spacing ``run`` uses: ``spacing``, else the solver's default (``DEFAULT_SPACING``)."""
+    if spacing is not None:
+        return spacing
+    return DEFAULT_SPACING.get(getattr(_solver(solver), "__name__", ""), "trailing")
+
+
+def grid(diffusion, solver, steps, spacing=None, sigma_max=None, sigma_min=None):
+    """The timesteps ``run`` visits: ``timesteps`` with the solver's default spacing when ``spacing``
+    is None (from sigma_max = 80 unless it is ``adm``, and down to ``FEW_STEP_SIGMA_MIN`` when it is
+    ``logsnr``); checked to be distinct."""
     if spacing is None:
-        spacing = DEFAULT_SPACING.get(getattr(_solver(solver), "__name__", ""), "trailing")
+        spacing = spacing_of(solver)
         if spacing != "adm" and sigma_max is None:
             sigma_max = EDM_SIGMA_MAX
-    times = timesteps(diffusion, steps, spacing, sigma_max=sigma_max)
+        if spacing == "logsnr" and sigma_min is None:
+            sigma_min = FEW_STEP_SIGMA_MIN
+    times = timesteps(diffusion, steps, spacing, sigma_max=sigma_max, sigma_min=sigma_min)
     if len(times) > 1 and not np.all(np.diff(times) < 0):
         raise usage(ValueError(
             f"{steps} steps of the {spacing} spacing do not give distinct timesteps on this "
@@ -363,8 +445,8 @@ def _solver(solver):
     return SOLVERS[solver]
 
 
-def _check_options(step_fn, options):
-    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max"}
+def check_options(step_fn, options):
+    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise usage(ValueError(
@@ -643,7 +725,9 @@ def _expand(values, like):
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _model_dtype(model, x):
+def model_dtype(model, x):
+    """The dtype to feed ``model``: its first parameter's (float32 for float16 UNets, which cast
+    inside), else ``x``'s."""
     parameters = getattr(model, "parameters", None)
     if callable(parameters):
         first = next(iter(parameters()), None)
@@ -668,15 +752,16 @@ SOLVERS = {
 CALLS_PER_STEP = {name: getattr(fn, "calls_per_step", 1) for name, fn in SOLVERS.items()}
 
 # The spacing each solver uses unless told otherwise (measured on the digits demo model:
-# benchmarks/README.md); with it, the grid starts at EDM_SIGMA_MAX except for ddim's adm.
+# benchmarks/README.md); with it, the grid starts at EDM_SIGMA_MAX except for ddim's adm, and a
+# logsnr grid ends at FEW_STEP_SIGMA_MIN.
 DEFAULT_SPACING = {
     "ddim": "adm",
     "euler": "trailing",
     "euler_a": "trailing",
     "heun": "karras_trailing",
-    "dpmpp_2m": "trailing",
-    "dpmpp_3m": "trailing",
+    "dpmpp_2m": "logsnr",
+    "dpmpp_3m": "logsnr",
     "dpmpp_2m_sde": "trailing",
-    "unipc": "trailing",
-    "ipndm": "trailing",
+    "unipc": "logsnr",
+    "ipndm": "logsnr",
 }

@@ -16,7 +16,7 @@ try:
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, errors, logger, perf
+from guided_diffusion import dist_util, errors, logger, perf, pretrained
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -42,6 +42,10 @@ def main(argv=None):
     logger.log("creating model and diffusion...")
     keys = list(model_and_diffusion_defaults()) + list(model_extra_defaults())
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, keys))
+    if args.init_from and args.resume_checkpoint:
+        logger.log(f"--init_from {args.init_from} not used: resuming from {args.resume_checkpoint}")
+    elif args.init_from:
+        pretrained.init_from(model, args.init_from, flags=args_to_dict(args, keys))
     model.to(dist_util.dev())
     perf.configure_backends(args, dist_util.dev())
     perf.prepare_model(model, args)
@@ -65,6 +69,7 @@ def create_argparser():
     defaults.update(training_extra_defaults())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, dict(init_from=""))
     perf.add_perf_flags(parser, training=True)
     return parser
 

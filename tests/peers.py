@@ -70,3 +70,46 @@ def kdiffusion_sampling():
     sys.modules["k_diffusion.sampling"] = module
     spec.loader.exec_module(module)
     return module
+
+
+# diffusers and what it imports, none of which pulls torch: fetched as wheels without
+# dependencies and unpacked into one folder put at the end of sys.path (the venv's own
+# packages win), so installing them never replaces the venv's torch.
+DIFFUSERS = (
+    "diffusers==0.42.1", "huggingface_hub==2.4.0", "requests==2.34.2", "idna==3.21", "certifi==2026.10.19.post1",
+    "charset-normalizer==3.5.3", "regex==2026.12.2", "pyyaml==6.0.4", "importlib_metadata==10.2.0", "zipp==4.1.2",
+    "httpx2==2.17.0", "httpcore2==2.17.0", "h11==0.16.0", "anyio==4.16.0", "truststore==0.10.5",
+    "lazy-importer==0.1.0", "hf-xet==1.8.0",
+)
+
+
+def _diffusers_dir():
+    target = CACHE / "diffusers_site"
+    if (target / "diffusers" / "__init__.py").exists():
+        return target
+    wheels_dir = CACHE / "diffusers_wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels_dir), *DIFFUSERS],
+        capture_output=True, text=True, timeout=600,
+    )
+    if done.returncode != 0:
+        return None
+    staging = CACHE / "diffusers_site.partial"
+    for wheel in sorted(wheels_dir.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(staging)
+    staging.rename(target)
+    return target
+
+
+def diffusers():
+    """The diffusers package (``UNet2DModel``, ``DDPMScheduler``), or None when it cannot be had (offline)."""
+    if importlib.util.find_spec("diffusers") is None:
+        root = _diffusers_dir()
+        if root is None:
+            return None
+        sys.path.append(str(root))
+    import diffusers as module
+
+    return module

@@ -15,6 +15,14 @@ from evaluations.inception import InceptionV3
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+ORIGINAL_PROGRESS_LINES = [
+    "warming up TensorFlow...",
+    "computing reference batch activations...",
+    "computing/reading reference batch statistics...",
+    "computing sample batch activations...",
+    "computing/reading sample batch statistics...",
+    "Computing evaluations...",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def _scores(output: str) -> dict:
     return {k: float(v) for k, v in found.items()}
 
 
-def test_cli_prints_the_five_scores_in_process(batches, monkeypatch, capsys):
+def test_cli_prints_the_five_scores_in_process(batches, tmp_path, monkeypatch, capsys):
     # The 2048x2048 matrix square roots take a minute on 2 CPU cores; the
     # subprocess test below runs them for real, here they are stubbed.
     monkeypatch.setattr(metrics, "_sqrtm", lambda m: np.eye(len(m)))
@@ -52,12 +60,19 @@ def test_cli_prints_the_five_scores_in_process(batches, monkeypatch, capsys):
                 "4",
                 "--device",
                 "cpu",
+                "--cache_dir",
+                str(tmp_path / "cache"),
             ]
         )
     out = capsys.readouterr().out
     assert code == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one activations file per batch file
     scores = _scores(out)
-    assert "computing reference batch activations..." in out and "Computing evaluations..." in out
+    # The original's lines in its order (its first says "warming up TensorFlow..."),
+    # each score printed as Python prints a float.
+    lines = out.splitlines()
+    assert lines[1:6] == ORIGINAL_PROGRESS_LINES[1:]
+    assert lines[6:] == [f"{name}: {scores[name]}" for name in LINES]
     assert scores["Inception Score"] >= 1.0
     assert scores["Precision"] in {i / 5 for i in range(6)}  # a fraction of the 5 samples
     assert scores["Recall"] in {i / 6 for i in range(7)}  # a fraction of the 6 references
@@ -117,3 +132,10 @@ def test_cli_reports_a_missing_batch_file_without_a_traceback(batches, monkeypat
     with pytest.warns(UserWarning):
         code = evaluator.main([str(batches / "absent.npz"), str(batches / "sample.npz"), "--device", "cpu"])
     assert code == 1 and "absent.npz" in capsys.readouterr().err
+
+
+def test_exact_flag_switches_precision_recall_to_float64_distances():
+    assert not evaluator.create_argparser().parse_args(["ref.npz", "sample.npz"]).exact
+    assert evaluator.create_argparser().parse_args(["ref.npz", "sample.npz", "--exact"]).exact
+    assert evaluator.Evaluator(device="cpu").manifold_estimator.distance_block.dtype == "float16"
+    assert evaluator.Evaluator(device="cpu", exact=True).manifold_estimator.distance_block.dtype == "float64"

@@ -78,7 +78,9 @@ def test_spatial_features_are_the_first_seven_channels_of_mixed_6d_branch1x1(net
         handle.remove()
     assert inception.SPATIAL_LAYER == "Mixed_6d.branch1x1"
     assert captured["map"].shape == (2, 192, 17, 17)
-    assert torch.equal(out.spatial, captured["map"][:, :7].flatten(1))
+    # TF hands mixed_6/conv over as NHWC and the original flattens it as it is: (h, w, c).
+    assert torch.equal(out.spatial, captured["map"][:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+    assert not torch.equal(out.spatial, captured["map"][:, :7].reshape(2, -1))
     assert (out.spatial >= 0).all()  # taken after the ReLU, like TF's mixed_6/conv
 
 

@@ -147,21 +147,21 @@ def _integer_features(seed, n, d, high=6, offset=0):
     return (np.random.RandomState(seed).randint(0, high, size=(n, d)) + offset).astype(np.float32)
 
 
-@pytest.mark.parametrize("use_float16", [False, True])
-def test_manifold_radii_are_kth_neighbour_squared_distances(use_float16):
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_manifold_radii_are_kth_neighbour_squared_distances(dtype):
     feats = _integer_features(7, 45, 6)
-    est = ManifoldEstimator("cpu", row_batch_size=16, col_batch_size=7, nhood_sizes=(1, 3), use_float16=use_float16)
+    est = ManifoldEstimator("cpu", row_batch_size=16, col_batch_size=7, nhood_sizes=(1, 3), dtype=dtype)
     radii = est.manifold_radii(feats)
-    assert radii.dtype == np.float32 and radii.shape == (45, 2)
+    assert radii.dtype == (np.float64 if dtype == "float64" else np.float32) and radii.shape == (45, 2)
     np.testing.assert_array_equal(radii[:, 0], _brute_radii(feats, 1))
     np.testing.assert_array_equal(radii[:, 1], _brute_radii(feats, 3))
 
 
-@pytest.mark.parametrize("use_float16", [False, True])
-def test_precision_recall_match_brute_force_nearest_neighbours(use_float16):
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_precision_recall_match_brute_force_nearest_neighbours(dtype):
     ref = _integer_features(8, 50, 6)
     sample = _integer_features(9, 37, 6, high=7, offset=1)
-    est = ManifoldEstimator("cpu", row_batch_size=13, col_batch_size=11, use_float16=use_float16)
+    est = ManifoldEstimator("cpu", row_batch_size=13, col_batch_size=11, dtype=dtype)
     precision, recall = est.evaluate_pr(ref, est.manifold_radii(ref), sample, est.manifold_radii(sample))
 
     dist = _brute_squared_distances(ref, sample)  # [ref, sample]
@@ -177,7 +177,7 @@ def test_block_sizes_do_not_change_precision_recall():
     sample = _random_gaussian_features(11, 55, 12, shift=0.4)
     results = []
     for rows, cols in [(10000, 10000), (8, 5), (1, 70)]:
-        est = ManifoldEstimator("cpu", row_batch_size=rows, col_batch_size=cols, use_float16=False)
+        est = ManifoldEstimator("cpu", row_batch_size=rows, col_batch_size=cols, dtype="float32")
         results.append(est.evaluate_pr(ref, est.manifold_radii(ref), sample, est.manifold_radii(sample)))
     for precision, recall in results[1:]:
         assert precision[0] == results[0][0][0] and recall[0] == results[0][1][0]
@@ -186,7 +186,7 @@ def test_block_sizes_do_not_change_precision_recall():
 def test_evaluate_reports_membership_realism_and_nearest_reference():
     ref = _integer_features(12, 30, 5)
     queries = _integer_features(13, 20, 5, high=8)
-    est = ManifoldEstimator("cpu", row_batch_size=6, col_batch_size=9, use_float16=False)
+    est = ManifoldEstimator("cpu", row_batch_size=6, col_batch_size=9, dtype="float32")
     radii = est.manifold_radii(ref)
     out = est.evaluate(ref, radii, queries)
 
@@ -201,8 +201,8 @@ def test_evaluate_reports_membership_realism_and_nearest_reference():
 
 def test_clamp_to_percentile_zeroes_radii_above_the_percentile():
     feats = _random_gaussian_features(14, 40, 4)
-    plain = ManifoldEstimator("cpu", use_float16=False).manifold_radii(feats)
-    clamped = ManifoldEstimator("cpu", clamp_to_percentile=50, use_float16=False).manifold_radii(feats)
+    plain = ManifoldEstimator("cpu", dtype="float32").manifold_radii(feats)
+    clamped = ManifoldEstimator("cpu", clamp_to_percentile=50, dtype="float32").manifold_radii(feats)
     limit = np.percentile(plain, 50, axis=0)
     np.testing.assert_array_equal(clamped, np.where(plain > limit, 0, plain))
     assert (clamped == 0).sum() == (plain > limit).sum() > 0
@@ -210,7 +210,7 @@ def test_clamp_to_percentile_zeroes_radii_above_the_percentile():
 
 def test_float16_distances_fall_back_to_float32_on_overflow():
     big = _random_gaussian_features(15, 6, 8) * 1000  # squared norms far above float16's 65504
-    dist = DistanceBlock("cpu", use_float16=True).pairwise_distances(big, big[:4])
+    dist = DistanceBlock("cpu", dtype="float16").pairwise_distances(big, big[:4])
     assert np.isfinite(dist).all()
     # |a|^2 + |b|^2 - 2ab in float32: a few ulps of the squared norms (~1e7 here), which
     # depend on the CPU's matmul kernel.
@@ -221,7 +221,7 @@ def test_float16_distances_fall_back_to_float32_on_overflow():
 def test_less_thans_flags_vectors_inside_the_other_sets_spheres():
     a = np.array([[0.0, 0.0], [10.0, 0.0]], dtype=np.float32)
     b = np.array([[1.0, 0.0], [20.0, 0.0], [10.0, 2.0]], dtype=np.float32)
-    a_in, b_in = DistanceBlock("cpu", use_float16=False).less_thans(
+    a_in, b_in = DistanceBlock("cpu", dtype="float32").less_thans(
         a, np.array([[1.0], [0.5]]), b, np.array([[0.5], [0.5], [4.0]])
     )
     np.testing.assert_array_equal(a_in[:, 0], [False, True])  # a[1] is 4 from b[2], radius 4
@@ -233,7 +233,11 @@ def test_manifold_radii_need_more_vectors_than_k():
         ManifoldEstimator("cpu").manifold_radii(np.zeros((3, 4), dtype=np.float32))
 
 
-def test_float16_distances_are_the_default_on_cuda_only():
-    assert DistanceBlock("cpu").use_float16 is False
-    assert DistanceBlock("cuda").use_float16 is True
-    assert DistanceBlock("cpu", use_float16=True).use_float16 is True
+def test_float16_distances_are_the_default_on_every_device():
+    assert DistanceBlock("cpu").dtype == "float16" and DistanceBlock("cuda").dtype == "float16"
+    assert ManifoldEstimator("cpu").distance_block.dtype == "float16"
+
+
+def test_unknown_distance_dtype_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="float16.*float32.*float64.*'half'"):
+        DistanceBlock("cpu", dtype="half")

@@ -23,6 +23,11 @@ IMPROVED = {
     "imagenet64_uncond_vlb_100M_1500K", "imagenet64_cond_270M_250K", "upsample_cond_500K",
     "lsun_uncond_100M_1200K_bs128", "lsun_uncond_100M_2400K_bs64",
 }
+CONSISTENCY = {
+    f"{kind}_{data}{suffix}"
+    for data in ("imagenet64", "bedroom256", "cat256")
+    for kind, suffix in (("cd", "_l2"), ("cd", "_lpips"), ("ct", ""), ("edm", "_ema"))
+}
 
 _BUILT = {}
 
@@ -41,7 +46,7 @@ def n_params(name):
 
 
 def test_every_released_checkpoint_of_both_readmes_has_a_preset():
-    assert set(presets.PRESETS) == GUIDED | IMPROVED
+    assert set(presets.PRESETS) == GUIDED | IMPROVED | CONSISTENCY
 
 
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
@@ -50,7 +55,8 @@ def test_preset_names_its_file_kind_and_source(name):
     assert preset["kind"] in KINDS
     assert preset["checkpoint"] == name + ".pt"
     assert preset["url"].endswith("/" + preset["checkpoint"])
-    assert preset["source"] == ("guided-diffusion" if name in GUIDED else "improved-diffusion")
+    sources = {"guided-diffusion": GUIDED, "improved-diffusion": IMPROVED, "consistency-models": CONSISTENCY}
+    assert name in sources[preset["source"]]
     assert preset["description"]
 
 

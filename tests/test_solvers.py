@@ -76,6 +76,18 @@ def test_error_falls_at_the_solvers_order(name, least):
     assert min(orders) >= least, (errors, orders)
 
 
+def test_a_lowered_top_carries_the_noise_down_from_the_chains_top():
+    d = diffusion()
+    data = GaussianData(d)
+    noise = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    result = solvers.run(d, data, noise.shape, "dpmpp_2m", 80, spacing="logsnr", noise=noise, sigma_max=20.0)
+    assert result.model_calls == 80  # the carry reuses the first step's model call
+    from_top = data.solution(noise, [999.0, result.timesteps[-1]])
+    from_sigma_max = data.solution(noise, result.timesteps)
+    gap = float((from_top - from_sigma_max).abs().max())
+    assert float((result.sample - from_top).abs().max()) < 0.1 * gap
+
+
 def test_dpm_solver_2m_beats_ddim_fourfold_at_20_calls():
     assert analytic_error("dpmpp_2m", 20) <= 0.25 * analytic_error("ddim", 20)
 
@@ -236,7 +248,7 @@ def test_sigma_max_lowers_the_top_of_every_spacing_but_adm():
     for spacing in ("trailing", "time_uniform", "logsnr", "karras", "karras_trailing"):
         t = solvers.timesteps(d, 8, spacing, sigma_max=80.0)
         assert abs(t[0] - top) < 1 and np.all(np.diff(t) < 0), spacing
-    with pytest.raises(ValueError, match="sigma_max does not apply"):
+    with pytest.raises(ValueError, match="sigma_max and sigma_min do not apply"):
         solvers.timesteps(d, 8, "adm", sigma_max=80.0)
 
 
@@ -252,11 +264,29 @@ def test_trailing_ends_near_t_over_n_and_karras_trailing_ends_there_too():
 
 def test_the_default_grids_start_at_sigma_80_except_ddims():
     model, d = tiny_unet(diffusion_steps=1000)
-    for name in ("dpmpp_2m", "heun"):
+    for name in ("dpmpp_2m", "heun", "euler"):
         t = solvers.run(d, model, (1, 3, 8, 8), name, 4, model_kwargs={"y": torch.tensor([0])}).timesteps
         assert float(d.schedule.karras_sigma_at(torch.tensor(t[0]))) == pytest.approx(80.0, rel=0.02)  # trailing rounds t
+        if solvers.DEFAULT_SPACING[name] == "logsnr":
+            assert float(d.schedule.karras_sigma_at(torch.tensor(t[-1]))) == pytest.approx(solvers.FEW_STEP_SIGMA_MIN)
     t = solvers.run(d, model, (1, 3, 8, 8), "ddim", 4, model_kwargs={"y": torch.tensor([0])}).timesteps
     assert t.tolist() == [750.0, 500.0, 250.0, 0.0]
+
+
+@pytest.mark.parametrize("spacing", ["time_uniform", "logsnr", "karras"])
+def test_sigma_min_raises_the_bottom_of_the_grid(spacing):
+    d = diffusion("cosine", 1000)
+    t = solvers.timesteps(d, 8, spacing, sigma_max=80.0, sigma_min=0.05)
+    sigmas = d.schedule.karras_sigma_at(torch.from_numpy(t)).numpy()
+    assert sigmas[-1] == pytest.approx(0.05) and sigmas[0] == pytest.approx(80.0) and np.all(np.diff(t) < 0)
+
+
+def test_sigma_min_is_refused_where_the_spacing_fixes_its_end():
+    d = diffusion("cosine", 1000)
+    with pytest.raises(ValueError, match="sigma_min applies to time_uniform, logsnr and karras"):
+        solvers.timesteps(d, 8, "trailing", sigma_min=0.05)
+    with pytest.raises(ValueError, match="sigma_min must lie between"):
+        solvers.timesteps(d, 8, "logsnr", sigma_min=1e-5)
 
 
 def test_adm_spacing_is_the_originals_ddim_striding():

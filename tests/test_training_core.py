@@ -351,6 +351,10 @@ def test_a_zero_terminal_snr_v_model_trains_samples_and_scores_finitely():
             result = solvers.run(diffusion, model, (2, 1, 8, 8), name, 4, spacing="trailing")
             assert result.timesteps[0] == diffusion.num_timesteps - 1 and result.model_calls == 4
             assert torch.isfinite(result.sample).all()
+            # From sigma 80, below the top: x_T is carried down from SNR 0 on the first step's call.
+            lowered = solvers.run(diffusion, model, (2, 1, 8, 8), name, 4, spacing="trailing", sigma_max=80)
+            assert lowered.timesteps[0] < diffusion.num_timesteps - 1 and lowered.model_calls == 4
+            assert torch.isfinite(lowered.sample).all()
         bpd = diffusion.calc_bpd_loop(model, x0)
     assert torch.isfinite(bpd["total_bpd"]).all() and torch.isfinite(bpd["mse"]).all()
 
