@@ -266,7 +266,9 @@ def from_diffusers_state_dict(state_dict, flags):
 def scheduler_config(flags):
     """DDPMScheduler's config for the diffusion ``flags`` describe (all T steps; respacing is a sampling choice)."""
     flags = _complete(flags)
-    betas = gd.get_named_beta_schedule(flags["noise_schedule"], flags["diffusion_steps"])
+    betas = gd.get_named_beta_schedule(flags["noise_schedule"], flags["diffusion_steps"], shift=flags["schedule_shift"])
+    if flags["zero_terminal_snr"]:
+        betas = gd.rescale_zero_terminal_snr(betas)
     return {
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -276,7 +278,7 @@ def scheduler_config(flags):
         "variance_type": "learned_range" if flags["learn_sigma"] else "fixed_large",
         "clip_sample": True,
         "clip_sample_range": 1.0,
-        "prediction_type": "sample" if flags["predict_xstart"] else "epsilon",
+        "prediction_type": "sample" if flags["predict_xstart"] else "v_prediction" if flags["predict_v"] else "epsilon",
         "timestep_spacing": "leading",
         "steps_offset": 0,
     }
@@ -374,6 +376,7 @@ def flags_from_diffusers(unet_config, scheduler):
         noise_schedule=_noise_schedule(scheduler, scheduler["num_train_timesteps"]),
         learn_sigma=scheduler.get("variance_type") == "learned_range",
         predict_xstart=scheduler.get("prediction_type") == "sample",
+        predict_v=scheduler.get("prediction_type") == "v_prediction",
     )
     flags["out_channels"] = -1 if unet_config["out_channels"] == _out_channels(flags) else unet_config["out_channels"]
     return flags

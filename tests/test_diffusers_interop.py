@@ -82,6 +82,19 @@ def test_ddpm_scheduler_holds_our_schedule(diffusers, schedule, steps, learn_sig
     assert scheduler.config.variance_type == ("learned_range" if learn_sigma else "fixed_large")
 
 
+def test_a_v_prediction_zero_terminal_snr_model_exports_its_target_and_schedule(diffusers, tmp_path):
+    flags = dict(TINY, noise_schedule="cosine", schedule_shift=2.0, zero_terminal_snr=True, predict_v=True)
+    model, diffusion = pretrained.build(flags)
+    diffusers_interop.export(model, flags, tmp_path)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), diffusion.alphas_cumprod.astype(np.float32),
+                               rtol=2e-5, atol=1e-7)
+    assert diffusion.alphas_cumprod[-1] == 0
+    imported_flags, _ = diffusers_interop.import_folder(tmp_path)
+    assert {k: imported_flags[k] for k in flags} == flags
+
+
 def test_the_import_without_our_flags_reads_the_diffusers_configs(diffusers, tmp_path):
     flags = dict(TINY, use_new_attention_order=True, class_cond=True, num_classes=7, learn_sigma=True,
                  noise_schedule="cosine")
