@@ -8,6 +8,7 @@ is imported under a bare package with stand-ins for the modules the samplers use
 never call.
 """
 
+import importlib.machinery
 import importlib.util
 import os
 import subprocess
@@ -44,6 +45,9 @@ def _stand_in(name, **attributes):
     module = sys.modules.get(name)
     if module is None:
         module = types.ModuleType(name)
+        # A spec, so that importlib.util.find_spec (diffusers probes optional packages
+        # with it) answers for a stand-in instead of raising on a missing __spec__.
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
         module.__dict__.update(attributes)
         sys.modules[name] = module
     return module
