@@ -271,19 +271,21 @@ class Samplers:
 # ----------------------------------------------------------------------------- steps and the loop
 
 
-def ddpm_step(denoiser, x, t):
+def ddpm_step(denoiser, x, t, noise=None):
     """Ho et al., algorithm 2, with the mean guided as in Dhariwal & Nichol, algorithm 1.
 
-    Draws the step's noise between the model call and the guidance, as the original.
-    With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy of x and
-    returns detached tensors.
+    Draws the step's noise between the model call and the guidance, as the original,
+    unless the caller gives it as ``noise`` (RePaint re-noises the known pixels with the
+    same draw). With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy
+    of x and returns detached tensors.
     """
     with_grad = denoiser.cond_fn_with_grad
     with th.enable_grad() if with_grad else contextlib.nullcontext():
         if with_grad:
             x = x.detach().requires_grad_()
         out = denoiser.predict(x, t)
-        noise = th.randn_like(x)
+        if noise is None:
+            noise = th.randn_like(x)
         mean = denoiser.guided_mean(out, x, t)
     sample = mean + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
     if with_grad:
