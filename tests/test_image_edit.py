@@ -109,6 +109,25 @@ def test_invert_writes_the_latents_reconstruct_reads(script, files, tmp_path):
     assert np.abs(back.astype(int) - to_uint8_images(expected).astype(int)).max() <= 1
 
 
+def test_inpaint_reads_a_folder_of_images_and_one_mask_per_image(script, files, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    keep = np.zeros((COUNT, 8, 8), bool)
+    for i, pixels in enumerate(files["pixels"]):
+        keep[i, :, : 2 + 2 * i] = True  # image i keeps its 2 + 2i left columns
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        Image.fromarray(keep[i].astype(np.uint8) * 255).save(masks / f"{i}.png")
+    result = load(run(script, files, tmp_path, "inpaint", "--mask", str(masks), "--timestep_respacing", "4",
+                      "--class_label", "1", input=str(images)))["arr_0"]
+    change = np.abs(result.astype(int) - files["pixels"].astype(int)).max(axis=-1)
+    assert change[keep].max() <= 1 and change[~keep].mean() > 10
+    for extra in (masks / "x.png", masks / "y.png"):  # 5 masks for 3 images
+        Image.fromarray(keep[0].astype(np.uint8)).save(extra)
+    with pytest.raises(UsageError, match=r"holds 5 masks for 3 images; give one, or one per image"):
+        run(script, files, tmp_path, "inpaint", "--mask", str(masks), input=str(images))
+
+
 @pytest.mark.parametrize("command,flags,message", [
     ("inpaint", ["--mask", "SMALL"], r"--mask .*small_mask.png' is 4x4 pixels but the images are 8x8"),
     ("sdedit", ["--strength", "1.5"], r"--strength 1.5 lies outside \[0, 1\]"),
