@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from guided_diffusion import editing, script_util
+from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.outputs import to_uint8_images
 
 from analytic import GaussianData, diffusion
@@ -107,6 +108,21 @@ def test_inversion_round_trip_on_exact_eps_converges_at_first_order():
     coarse, fine = round_trip_rms(250), round_trip_rms(1000)
     assert fine <= 5e-3
     assert coarse / fine >= 3
+
+
+def test_inversion_reads_an_x0_predicting_model_as_the_same_eps(unet):
+    eps_chain, x0_chain = diffusion(), diffusion(mean=gd.ModelMeanType.START_X)
+    data = GaussianData(eps_chain)
+
+    def predict_x0(x, t):  # the same exact model, answering with x_0 = (x_t - sigma eps) / alpha
+        alpha, sigma = (v.view(-1, 1) for v in eps_chain.model_schedule.alpha_sigma_at(t.double()))
+        return (x - sigma * data(x, t)) / alpha
+
+    x0 = data.mu + data.var.sqrt() * torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x_T = editing.invert(eps_chain, data, x0, 20)
+    torch.testing.assert_close(editing.invert(x0_chain, predict_x0, x0, 20), x_T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(editing.reconstruct(x0_chain, predict_x0, x_T, 20),
+                               editing.reconstruct(eps_chain, data, x_T, 20), rtol=0, atol=1e-9)
 
 
 def test_inversion_lands_on_the_chain_and_returns_its_trajectory(unet, image):
