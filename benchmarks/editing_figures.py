@@ -2,7 +2,8 @@
 
 On held-out real digits (the digits demo's test split) and the digits demo model it reports:
 
-- inversion: PSNR (dB, uint8) of DDIM invert-then-reconstruct at each ``--inversion_steps``;
+- inversion: PSNR (dB, uint8) of invert-then-reconstruct, DDIM and exact (EDICT), at each
+  ``--inversion_steps``;
 - inpainting (keep the left half, RePaint): the largest change of a kept pixel (uint8 levels)
   and the share of results the digit classifier reads as the input's digit;
 - SDEdit: RMS distance to the input and that share, at several strengths;
@@ -109,15 +110,18 @@ class Figures:
         return out, time.perf_counter() - start
 
     def inversion(self):
-        print("| steps | PSNR (dB) | seconds |\n|---|---|---|")
+        print("| inversion | steps | PSNR (dB) | seconds |\n|---|---|---|---|")
+        pairs = {"DDIM": (editing.invert, editing.reconstruct),
+                 "EDICT": (editing.edict_invert, editing.edict_reconstruct)}
         shown = [self.x]
-        for steps in self.args.inversion_steps:
-            def round_trip():
-                x_T = editing.invert(self.base, self.model, self.x, steps, model_kwargs=self.kwargs)
-                return editing.reconstruct(self.base, self.model, x_T, steps, model_kwargs=self.kwargs)
-            back, seconds = self.timed(round_trip)
-            print(f"| {steps} | {psnr(to_uint8_images(back), self.pixels):.1f} | {seconds:.0f} |")
-            shown.append(back)
+        for name, (invert, reconstruct) in pairs.items():
+            for steps in self.args.inversion_steps:
+                def round_trip():
+                    x_T = invert(self.base, self.model, self.x, steps, model_kwargs=self.kwargs)
+                    return reconstruct(self.base, self.model, x_T, steps, model_kwargs=self.kwargs)
+                back, seconds = self.timed(round_trip)
+                print(f"| {name} | {steps} | {psnr(to_uint8_images(back), self.pixels):.1f} | {seconds:.0f} |")
+                shown.append(back)
         self.show("inversion", *shown)
 
     def inpainting(self):

@@ -16,6 +16,8 @@ References
   Models", algorithm 1 and section 4.2 (resampling schedule).
 - Song, Meng & Ermon (2021), "Denoising Diffusion Implicit Models", section 4.3 and
   eq. 14 (the deterministic sampler as an ODE that can be run backwards: inversion).
+- Wallace, Gokul & Naik (2023), "EDICT: Exact Diffusion Inversion via Coupled
+  Transformations", section 3.
 - Meng et al. (2022), "SDEdit: Guided Image Synthesis and Editing with Stochastic
   Differential Equations", algorithm 1.
 - Choi et al. (2021), "ILVR: Conditioning Method for Denoising Diffusion Probabilistic
@@ -145,6 +147,60 @@ def reconstruct(diffusion, model, x_T, steps, *, model_kwargs=None, clip_denoise
     return solvers.sample(diffusion, model, x_T.shape, solver, steps, spacing=spacing, noise=x_T,
                           model_kwargs=model_kwargs, clip_denoised=clip_denoised, cond_fn=cond_fn,
                           progress=progress, **options)
+
+
+def edict_invert(diffusion, model, image, steps, *, mix=0.93, model_kwargs=None, cond_fn=None, spacing="adm",
+                 progress=False):
+    """Exact DDIM inversion by EDICT (Wallace et al. 2023, eqs. 14-15): x_T as a pair (x, y).
+
+    Two copies of the image take the DDIM step in turn, each with the other's eps, and are
+    mixed with weight ``mix`` (the paper's p); every step is an affine map whose inverse
+    needs only the same model calls, so ``edict_reconstruct`` returns the image up to
+    rounding at any number of steps, at two model calls per step. Works in the solvers'
+    view y = x_t / alpha_t on the grid ``invert`` uses; returns the pair as x_t.
+    """
+    eps, levels = _edict_grid(diffusion, model, image, steps, model_kwargs, cond_fn, spacing, mix)
+    x = y = image.to(th.float64)
+    for i in progress_bar(range(steps), progress):
+        step = levels[i] - levels[i + 1]  # the DDIM step down from level i + 1, undone here
+        with th.no_grad():
+            y_mid = (y - (1 - mix) * x) / mix
+            x_mid = (x - (1 - mix) * y_mid) / mix
+            y = y_mid - step * eps(x_mid, i)
+            x = x_mid - step * eps(y, i)
+    scale = th.rsqrt(1 + levels[-1] ** 2)
+    return (x * scale).to(image.dtype), (y * scale).to(image.dtype)
+
+
+def edict_reconstruct(diffusion, model, latents, steps, *, mix=0.93, model_kwargs=None, cond_fn=None,
+                      spacing="adm", progress=False):
+    """The EDICT sampler from the pair ``edict_invert`` returns, down the same grid, to x_0 (its first copy)."""
+    x, y = latents
+    eps, levels = _edict_grid(diffusion, model, x, steps, model_kwargs, cond_fn, spacing, mix)
+    x, y = (v.to(th.float64) * th.sqrt(1 + levels[-1] ** 2) for v in (x, y))
+    for i in progress_bar(reversed(range(steps)), progress, total=steps):
+        step = levels[i] - levels[i + 1]
+        with th.no_grad():
+            x_mid = x + step * eps(y, i)
+            y_mid = y + step * eps(x_mid, i)
+            x = mix * x_mid + (1 - mix) * y_mid
+            y = mix * y_mid + (1 - mix) * x
+    return x.to(latents[0].dtype)
+
+
+def _edict_grid(diffusion, model, like, steps, model_kwargs, cond_fn, spacing, mix):
+    """(eps(y, i) read at grid step i, from the lowest; the noise levels 0, sigma_0, sigma_1, ...)."""
+    if not 0 < mix <= 1:
+        raise usage(ValueError(f"mix must lie in (0, 1] (EDICT's p, 0.93 in the paper); got {mix!r}."))
+    denoiser = solvers.to_karras_denoiser(diffusion, model, cond_fn=cond_fn, model_kwargs=model_kwargs)
+    times = th.from_numpy(solvers.timesteps(diffusion, steps, spacing)[::-1].copy()).to(like.device)
+    sigmas = diffusion.model_schedule.karras_sigma_at(times)
+    levels = th.cat([sigmas.new_zeros(1), sigmas])
+
+    def eps(y, i):
+        return (y - denoiser.denoise(y, sigmas[i], times[i], {})) / sigmas[i]
+
+    return eps, levels
 
 
 # ----------------------------------------------------------------------------- SDEdit

@@ -21,6 +21,7 @@ def tiny(use_checkpoint=False, respacing="10"):
     flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
                  num_head_channels=8, learn_sigma=True, diffusion_steps=100, noise_schedule="cosine",
                  class_cond=True, num_classes=4, timestep_respacing=respacing, use_checkpoint=use_checkpoint)
+    torch.manual_seed(0)  # the initial weights: the same model in every run
     model, diff = script_util.create_model_and_diffusion(**flags)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -96,10 +97,17 @@ def test_inpaint_refuses_a_mask_of_another_size(unet, image):
 # ------------------------------------------------------------------ DDIM inversion
 
 
+def draws(data, count, seed):
+    """``count`` samples of the Gaussian data."""
+    noise = torch.randn(count, len(data.mu), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return data.mu + data.var.sqrt() * noise
+
+
 def round_trip_rms(steps):
+    """RMS error of DDIM invert-then-reconstruct on Gaussian data with exact eps."""
     d = diffusion()
     data = GaussianData(d)
-    x0 = data.mu + data.var.sqrt() * torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x0 = draws(data, 64, seed=1)
     x_T = editing.invert(d, data, x0, steps)
     return float((editing.reconstruct(d, data, x_T, steps) - x0).pow(2).mean().sqrt())
 
@@ -110,7 +118,7 @@ def test_inversion_round_trip_on_exact_eps_converges_at_first_order():
     assert coarse / fine >= 3
 
 
-def test_inversion_reads_an_x0_predicting_model_as_the_same_eps(unet):
+def test_inversion_reads_an_x0_predicting_model_as_the_same_eps():
     eps_chain, x0_chain = diffusion(), diffusion(mean=gd.ModelMeanType.START_X)
     data = GaussianData(eps_chain)
 
@@ -118,7 +126,7 @@ def test_inversion_reads_an_x0_predicting_model_as_the_same_eps(unet):
         alpha, sigma = (v.view(-1, 1) for v in eps_chain.model_schedule.alpha_sigma_at(t.double()))
         return (x - sigma * data(x, t)) / alpha
 
-    x0 = data.mu + data.var.sqrt() * torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x0 = draws(data, 8, seed=2)
     x_T = editing.invert(eps_chain, data, x0, 20)
     torch.testing.assert_close(editing.invert(x0_chain, predict_x0, x0, 20), x_T, rtol=0, atol=1e-9)
     torch.testing.assert_close(editing.reconstruct(x0_chain, predict_x0, x_T, 20),
@@ -131,6 +139,25 @@ def test_inversion_lands_on_the_chain_and_returns_its_trajectory(unet, image):
     assert len(path) == 6 and path[0] is image and path[-1] is x_T and x_T.dtype == image.dtype
     back = editing.reconstruct(d, model, x_T, 5, model_kwargs=LABELS)
     assert back.shape == image.shape and torch.isfinite(back).all()
+
+
+def test_edict_round_trip_is_exact_at_few_steps_where_ddim_is_not():
+    d = diffusion()
+    data = GaussianData(d)
+    x0 = draws(data, 64, seed=1)
+    back = editing.edict_reconstruct(d, data, editing.edict_invert(d, data, x0, 10), 10)
+    assert (back - x0).pow(2).mean().sqrt() < 1e-12
+    assert round_trip_rms(10) > 0.1  # plain DDIM inversion at the same 10 steps
+
+
+def test_edict_round_trip_through_a_unet_is_exact_to_rounding(unet, image):
+    model, d = unet
+    latents = editing.edict_invert(d, model, image, 8, model_kwargs=LABELS)
+    assert all(v.shape == image.shape and v.dtype == image.dtype for v in latents)
+    back = editing.edict_reconstruct(d, model, latents, 8, model_kwargs=LABELS)
+    torch.testing.assert_close(back, image, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"mix must lie in \(0, 1\]"):
+        editing.edict_invert(d, model, image, 8, mix=0)
 
 
 # ------------------------------------------------------------------ SDEdit

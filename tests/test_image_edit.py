@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     """A tiny checkpoint with its config, an npz of three labelled images and a keep-the-left-half mask."""
     root = tmp_path_factory.mktemp("edit")
     flags = {**script_util.model_and_diffusion_defaults(), **script_util.model_extra_defaults(), **FLAGS}
+    torch.manual_seed(0)  # the initial weights: the same model in every run
     model, _ = script_util.create_model_and_diffusion(**flags)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
