@@ -235,6 +235,30 @@ def test_dps_residual_falls_and_ends_below_unguided(unet, image):
     assert (final < 0.5 * unguided).all()
 
 
+def brighten(x, t, y=None):
+    """A classifier gradient that pulls every pixel up: guidance shows as a brighter sample."""
+    return torch.ones_like(x)
+
+
+@pytest.mark.parametrize("operation", ["inpaint", "dps"])
+def test_classifier_guidance_steers_the_filled_pixels(unet, image, operation):
+    model, d = unet
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+
+    def run(cond_fn):
+        torch.manual_seed(4)
+        if operation == "inpaint":
+            return editing.inpaint(d, model, image, mask, cond_fn=cond_fn, model_kwargs=LABELS)
+        return editing.dps(d, model, editing.mask_operator(mask), mask * image, SHAPE, zeta=1.0, cond_fn=cond_fn,
+                           model_kwargs=LABELS)
+
+    plain_run, guided = run(None), run(brighten)
+    assert (guided[..., 4:] - plain_run[..., 4:]).mean() > 0.1
+    if operation == "inpaint":
+        assert torch.equal(guided[..., :4], image[..., :4])
+
+
 @pytest.mark.parametrize("use_checkpoint", [False, True])
 def test_a_frozen_unet_differentiates_with_respect_to_its_input(use_checkpoint):
     model, _ = tiny(use_checkpoint=use_checkpoint)
