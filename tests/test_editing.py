@@ -118,18 +118,21 @@ def test_inversion_round_trip_on_exact_eps_converges_at_first_order():
     assert coarse / fine >= 3
 
 
-def test_inversion_reads_an_x0_predicting_model_as_the_same_eps():
-    eps_chain, x0_chain = diffusion(), diffusion(mean=gd.ModelMeanType.START_X)
+@pytest.mark.parametrize("mean", ["START_X", "VELOCITY"])
+def test_inversion_reads_x0_and_v_predicting_models_as_the_same_eps(mean):
+    eps_chain, other_chain = diffusion(), diffusion(mean=getattr(gd.ModelMeanType, mean))
     data = GaussianData(eps_chain)
 
-    def predict_x0(x, t):  # the same exact model, answering with x_0 = (x_t - sigma eps) / alpha
+    def predict(x, t):  # the same exact model, answering with x_0 or v = alpha eps - sigma x_0
         alpha, sigma = (v.view(-1, 1) for v in eps_chain.model_schedule.alpha_sigma_at(t.double()))
-        return (x - sigma * data(x, t)) / alpha
+        eps = data(x, t)
+        x0 = (x - sigma * eps) / alpha
+        return x0 if mean == "START_X" else alpha * eps - sigma * x0
 
     x0 = draws(data, 8, seed=2)
     x_T = editing.invert(eps_chain, data, x0, 20)
-    torch.testing.assert_close(editing.invert(x0_chain, predict_x0, x0, 20), x_T, rtol=0, atol=1e-9)
-    torch.testing.assert_close(editing.reconstruct(x0_chain, predict_x0, x_T, 20),
+    torch.testing.assert_close(editing.invert(other_chain, predict, x0, 20), x_T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(editing.reconstruct(other_chain, predict, x_T, 20),
                                editing.reconstruct(eps_chain, data, x_T, 20), rtol=0, atol=1e-9)
 
 
