@@ -166,6 +166,12 @@ FLAG_HELP = {
     "class_dropout_prob": "share of class labels replaced by the null label -1 in training, so the model "
                           "also learns the unconditional case for classifier-free guidance (0: the original's "
                           "training)",
+    "allow_partial_resume": "resume from an incomplete checkpoint set (an interrupted save) with whatever files "
+                            "it has, inexactly as the original did; otherwise such a set is refused",
+    "keep_checkpoints": "keep only the newest N complete checkpoint sets in the log dir, deleting older ones once "
+                        "a newer set is complete (0: keep all, as the original)",
+    "save_on_signal": "comma-separated signals (e.g. TERM,USR1; none: off) on which every rank finishes its "
+                      "iteration, a complete checkpoint set is written and the run exits with status 75",
 }
 
 
