@@ -10,6 +10,8 @@ writes a complete checkpoint set and raises `TrainingPreempted`, which ends the
 process with `PREEMPTED_EXIT_STATUS`.
 """
 
+import contextlib
+import os
 import signal
 import threading
 import warnings
@@ -50,6 +52,34 @@ def parse_signals(text):
     return list(dict.fromkeys(found))
 
 
+# The signals `StopRequest.deferred` blocks right now (None outside it): what a process forked
+# meanwhile, such as a DataLoader worker, inherits blocked.
+_deferring = None
+
+
+def _serve_in_child():
+    """In a process forked inside `StopRequest.deferred`: consume the blocked signals, and exit on a
+    SIGTERM from the parent, the way torch stops its DataLoader workers (as torch's handler does)."""
+    global _deferring
+    if _deferring is None:
+        return
+    signals, parent = set(_deferring) | {signal.SIGTERM}, os.getppid()
+    _deferring = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, daemon=True, name="preemption-signals").start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serve_in_child)
+
+
 class StopRequest:
     """The signals that ask training to stop; a context manager that installs their handlers.
 
@@ -79,6 +109,27 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
         return False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold the signals back from this thread while the block runs (they arrive right after).
+
+        Run each training iteration inside it: DataLoader worker processes forked meanwhile
+        inherit the block, so they survive a signal sent to the whole job (SLURM, mpiexec),
+        of which torch's workers otherwise die, ending the run before it can save; a thread
+        in each worker still lets the worker's parent end it with SIGTERM (`_serve_in_child`).
+        """
+        if not self._previous or not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        global _deferring
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        _deferring = self.signals
+        try:
+            yield
+        finally:
+            _deferring = None
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def requested(self):
         """Whether any rank received one of the signals (collective when there are signals to watch)."""

@@ -516,14 +516,16 @@ class TrainLoop:
         """
         logger.log(f"training: logging and checkpoints in {os.path.abspath(get_blob_logdir())}")
         with self.stop_request:
-            self._restore_position()  # DataLoader workers start here, after the handlers are set
+            with self.stop_request.deferred():
+                self._restore_position()
             tick, images = time.perf_counter(), 0
             last_idx = None
             while self._should_continue():
                 idx = self._global_step()
-                batch, cond = next(self.data)
-                self.batches_consumed += 1
-                self.run_step(batch, cond)
+                with self.stop_request.deferred():  # see there: data workers must outlive the signal
+                    batch, cond = next(self.data)
+                    self.batches_consumed += 1
+                    self.run_step(batch, cond)
                 images += self.global_batch
                 last_idx = idx
                 if idx % self.log_interval == 0:

@@ -155,13 +155,14 @@ class ClassifierTrainer:
                 if args.anneal_lr:
                     for group in self.opt.param_groups:
                         group["lr"] = args.lr * (1 - global_step / args.iterations)
-                self.forward_backward_log(data)
-                self.mp_trainer.optimize(self.opt)
-                if val_data is not None and step % args.eval_interval == 0:
-                    self.model.eval()
-                    with torch.no_grad():
-                        self.forward_backward_log(val_data, prefix="val")
-                    self.model.train()
+                with stop_request.deferred():  # data workers started here must outlive the signal
+                    self.forward_backward_log(data)
+                    self.mp_trainer.optimize(self.opt)
+                    if val_data is not None and step % args.eval_interval == 0:
+                        self.model.eval()
+                        with torch.no_grad():
+                            self.forward_backward_log(val_data, prefix="val")
+                        self.model.train()
                 if step % args.log_interval == 0:
                     logger.dumpkvs()
                 if step and global_step % args.save_interval == 0:

@@ -97,7 +97,7 @@ def test_kill_during_save_never_resumes_from_a_partial_set(image_dir, tmp_path):
                         env={train_util.SAVE_PAUSE_ENV: "120@2"})
     try:  # the save of step 2 pauses after its first temporary file
         deadline = time.time() + 240
-        while not [n for n in os.listdir(log_dir) if n.endswith(".tmp") and "000002" in n]:
+        while not [n for n in (os.listdir(log_dir) if log_dir.is_dir() else ()) if n.endswith(".tmp") and "000002" in n]:
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.02)
     finally:
