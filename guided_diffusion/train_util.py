@@ -780,7 +780,13 @@ def start_run(args, purpose="training"):
     that sampling scripts can rebuild the model without repeating them.
     """
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
+    try:  # every rank opens its own log file: each one stops here alike
+        logger.configure(dir=args.log_dir or None)
+    except OSError as err:
+        raise usage(OSError(
+            f"cannot write to the log dir {args.log_dir or '(default)'} ({err.strerror or err}: {err.filename}): "
+            "make it writable or choose another --log_dir"
+        )) from None
     log_dir = os.path.abspath(logger.get_dir())
     logger.log(f"{purpose}: logging to {log_dir}")
     seed_all(args.seed + dist_util.get_rank())
