@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import checkpoint_sets, checkpoints, dist_util, fastpaths, logger, perf, preemption
-from .errors import usage
+from .errors import is_usage_error, usage
 from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
 from .image_datasets import load_data
 from .nn import update_ema
@@ -172,6 +172,36 @@ def load_set_member(path, **kwargs):
         return dist_util.load_state_dict(path, **kwargs)
     except checkpoints.CheckpointError as err:
         raise checkpoints.CheckpointError(checkpoint_sets.damaged_message(path, err)) from None
+
+
+def _check_labels(cond, num_classes):
+    labels = cond.get("y") if num_classes else None
+    if labels is not None and labels.numel() and int(labels.max()) >= num_classes:
+        raise usage(ValueError(
+            f"--data_dir holds class {int(labels.max())} (classes are the file-name prefixes before '_', numbered "
+            f"from 0 in sorted order), but --num_classes is {num_classes}: set --num_classes to the number of "
+            "classes in the data, or rename the files"
+        ))
+
+
+def next_batch(data, num_classes=None):
+    """``next(data)``, its labels checked against ``num_classes``; a data error of the user's (a bad
+    image file, a class out of range) on any rank stops every rank, as one line each (all ranks call)."""
+    batch, error = None, None
+    try:
+        batch = next(data)
+        _check_labels(batch[1], num_classes)
+    except Exception as err:
+        if not is_usage_error(err) or dist_util.get_world_size() == 1:
+            raise
+        error = err
+    if dist_util.get_world_size() > 1 and dist_util.any_rank(error is not None):
+        messages = dist_util.all_gather_objects(None if error is None else str(error))
+        if error is not None:
+            raise error
+        rank, text = next((r, m) for r, m in enumerate(messages) if m)
+        raise usage(ValueError(f"(rank {rank}) {text}"))
+    return batch
 
 
 def read_state_file(model_path):
@@ -523,7 +553,7 @@ class TrainLoop:
             while self._should_continue():
                 idx = self._global_step()
                 with self.stop_request.deferred():  # see there: data workers must outlive the signal
-                    batch, cond = next(self.data)
+                    batch, cond = next_batch(self.data, getattr(self.model, "num_classes", None))
                     self.batches_consumed += 1
                     self.run_step(batch, cond)
                 images += self.global_batch

@@ -32,6 +32,7 @@ from guided_diffusion.script_util import (
 from guided_diffusion.train_util import (
     load_set_member,
     log_loss_dict,
+    next_batch,
     parse_resume_step_from_filename,
     parse_training_args,
     resolve_resume_checkpoint,
@@ -100,7 +101,7 @@ class ClassifierTrainer:
 
     def forward_backward_log(self, data, prefix="train"):
         """One batch: losses and accuracies logged under ``prefix``; gradients only when training."""
-        batch, extra = next(data)
+        batch, extra = next_batch(data, getattr(self.args, "num_classes", None))
         labels = extra["y"].to(dist_util.dev())
         batch, t = self._noised(batch.to(dist_util.dev()))
         microbatch = self.args.microbatch if self.args.microbatch > 0 else batch.shape[0]

@@ -180,3 +180,44 @@ def test_sigterm_under_mpiexec_saves_collectively_and_resumes_bit_identically(im
 @pytest.mark.slow
 def test_sigterm_under_torchrun_saves_collectively_and_resumes_bit_identically(image_dir, tmp_path):
     _preempt_and_resume("torchrun", image_dir, tmp_path)
+
+
+def _bad_data(image_dir, tmp_path):
+    """The test images, one cut short, and a copy whose file names give eight classes."""
+    broken, many = tmp_path / "broken", tmp_path / "many"
+    shutil.copytree(image_dir, broken)
+    first = broken / sorted(os.listdir(broken))[0]
+    first.write_bytes(first.read_bytes()[:100])
+    many.mkdir()
+    for i, name in enumerate(sorted(os.listdir(image_dir))):
+        shutil.copy(os.path.join(image_dir, name), many / f"c{i}_{name}")
+    return str(broken), str(many)
+
+
+def _errors(r):
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return [line for line in r.stderr.splitlines() if line.startswith("image_train.py: error: ")]
+
+
+def test_bad_data_is_one_line_and_each_skipped_file_is_reported_once(image_dir, tmp_path):
+    broken, many = _bad_data(image_dir, tmp_path)
+    r = subprocess.run(_launch("python", many, tmp_path / "a", "--class_cond", "True", "--num_classes", "4",
+                               "--max_steps", "3"), env=_env(OWN), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(_errors(r)) == 1 and "but --num_classes is 4" in _errors(r)[0], r.stderr[-2000:]
+    # six images, three batches an epoch, a new worker process each epoch: three epochs
+    r = subprocess.run(_launch("python", broken, tmp_path / "b", "--skip_bad_images", "True", "--max_steps", "9"),
+                       env=_env(OWN), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("UserWarning: skipping unreadable image") == 1, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec")
+def test_bad_data_on_one_rank_stops_every_rank_with_one_line(image_dir, tmp_path):
+    broken, many = _bad_data(image_dir, tmp_path)
+    for data, extra, words in ((broken, [], "cannot read image file"),
+                               (many, ["--class_cond", "True", "--num_classes", "4"], "but --num_classes is 4")):
+        r = subprocess.run(_launch("mpiexec", data, tmp_path / "log", *extra, "--max_steps", "3"), env=_env(OWN),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and len(_errors(r)) == 2, r.stderr[-3000:]
+        assert all(words in line for line in _errors(r)), _errors(r)
