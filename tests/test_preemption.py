@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from guided_diffusion import checkpoint_sets, checkpoints, preemption
+from guided_diffusion import checkpoint_sets, checkpoints, preemption, train_util
 from test_train_util import _process_group, make_loop, same_file  # noqa: F401 (the fixture is used)
 from test_training_scripts import SCRIPTS, UNET, _env, image_dir  # noqa: F401 (the fixture is used)
 
@@ -61,6 +61,28 @@ def test_a_kill_at_every_point_of_a_save_leaves_only_whole_sets(tmp_path):
         assert checkpoint_sets.find_latest(str(folder)) == str(folder / f"model{newest}.pt"), (at, names)
         checkpoint_sets.write_set(str(folder), 2, **tiny_set(2))  # the next save clears the leftovers
         assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_a_kill_at_any_point_of_a_training_save_resumes_to_the_same_weights(tmp_path):
+    train_util.seed_all(5)
+    make_loop(tmp_path / "straight", max_steps=4).run_loop()
+    for at in range(10):  # the save of step 2: five temporaries written, five renames
+        run = tmp_path / f"kill{at}"
+        pid = os.fork()
+        if pid == 0:
+            try:
+                events = iter(range(100))
+                train_util._test_pause = lambda step: step == 2 and next(events) == at and os._exit(9)
+                train_util.seed_all(5)
+                make_loop(run, max_steps=4).run_loop()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] >> 8 == 9
+        newest = checkpoint_sets.find_latest(str(run))
+        assert newest == str(run / ("model000002.pt" if at == 9 else "model000000.pt")), (at, os.listdir(run))
+        make_loop(run, max_steps=4, resume=str(run)).run_loop()
+        for name in ("model000004.pt", "ema_0.9_000004.pt", "ema_0.99_000004.pt", "opt000004.pt"):
+            assert same_file(tmp_path / "straight" / name, run / name), (at, name)
 
 
 @pytest.mark.parametrize("kind", ["model", "ema_0.99_", "opt", "state"])
