@@ -243,3 +243,11 @@ def test_bad_data_on_one_rank_stops_every_rank_with_one_line(image_dir, tmp_path
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and len(_errors(r)) == 2, r.stderr[-3000:]
         assert all(words in line for line in _errors(r)), _errors(r)
+
+
+def test_keep_checkpoints_prunes_older_sets_once_a_newer_one_is_complete(tmp_path):
+    (tmp_path / "opt000000.pt").write_bytes(b"")  # the leftover of a save killed long ago
+    make_loop(tmp_path, max_steps=4, save_interval=1, keep_checkpoints=2).run_loop()
+    sets = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+    assert sets == sorted(f"{kind}{s:06d}.pt" for s in (2, 3)
+                          for kind in ("model", "opt", "state", "ema_0.9_", "ema_0.99_")), sets
