@@ -253,7 +253,8 @@ def test_bad_data_on_one_rank_stops_every_rank_with_one_line(image_dir, tmp_path
                                (many, ["--class_cond", "True", "--num_classes", "4"], "but --num_classes is 4")):
         r = subprocess.run(_launch("mpiexec", data, tmp_path / "log", *extra, "--max_steps", "3"), env=_env(OWN),
                            capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and len(_errors(r)) == 2, r.stderr[-3000:]
+        # each rank prints the line; mpiexec may end the slower rank once the first one exited 2
+        assert r.returncode == 2 and len(_errors(r)) in (1, 2), r.stderr[-3000:]
         assert all(words in line for line in _errors(r)), _errors(r)
 
 
