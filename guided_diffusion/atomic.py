@@ -8,6 +8,9 @@ fsynced, so the rename itself survives a power loss. On any failure the temporar
 file is removed and the destination is untouched. Remote paths (``scheme://...``)
 are written with ``blobfile``: object stores publish an object only when it is
 closed, which gives the same guarantee.
+
+`atomic_write_set` extends this to several files that belong together: the last of
+them (the one a reader looks for) appears only after all the others are in place.
 """
 
 import os
@@ -56,6 +59,58 @@ def atomic_write(path, write):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write_set(writes, on_event=None):
+    """Write the files of ``writes`` so that the last one appears only once all the others are in place.
+
+    ``writes`` is an iterable of ``(path, write)`` pairs, ``write(fileobj)`` as for `atomic_write`,
+    all in one folder. Each file goes to a temporary file that is fsynced; only when every one
+    succeeded are they renamed into place in order, the last one last, and the folder is fsynced.
+    A reader that finds the last file therefore finds the others complete, whenever the process
+    is killed; an existing last file is removed before the renames, so it is never seen beside
+    files of another version. If a write fails, every temporary file is removed and no destination
+    is touched. ``on_event(path, stage)`` is called after each temporary file is written
+    (``"written"``) and after each rename (``"renamed"``).
+    """
+    on_event = on_event or (lambda path, stage: None)
+    done, folders = [], set()  # done: (temporary, destination) not yet renamed
+    try:
+        for path, write in writes:
+            path = os.fspath(path)
+            if _is_remote(path):  # object stores publish on close: write in order, the last one last
+                atomic_write(path, write)
+                on_event(path, "renamed")
+                continue
+            folder = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            done.append((tmp, path))
+            folders.add(folder)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            on_event(path, "written")
+        if done:
+            _remove_quietly(done[-1][1])
+        while done:
+            tmp, path = done[0]
+            os.replace(tmp, path)
+            done.pop(0)
+            on_event(path, "renamed")
+    except BaseException:
+        for tmp, _ in done:
+            _remove_quietly(tmp)
+        raise
+    for folder in folders:
+        _fsync_folder(folder)
 
 
 def atomic_save(obj, path):

@@ -302,3 +302,12 @@ def all_gather_objects(obj):
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag):
+    """True on every rank when ``flag`` is true on any rank (collective: every rank must call it)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    shared = torch.tensor([int(bool(flag))], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return bool(shared.item())

@@ -203,6 +203,12 @@ FLAG_HELP = {
                           "training)",
     "init_from": "fine-tune from these weights (a checkpoint file or pretrained folder): weights only, fresh "
                  "optimizer, step 0; heads whose shape the flags changed are re-initialised",
+    "allow_partial_resume": "resume from an incomplete checkpoint set (an interrupted save) with whatever files "
+                            "it has, inexactly as the original did; otherwise such a set is refused",
+    "keep_checkpoints": "keep only the newest N complete checkpoint sets in the log dir, deleting older ones once "
+                        "a newer set is complete (0: keep all, as the original)",
+    "save_on_signal": "comma-separated signals (e.g. TERM,USR1; none: off) on which every rank finishes its "
+                      "iteration, a complete checkpoint set is written and the run exits with status 75",
 }
 
 

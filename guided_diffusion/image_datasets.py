@@ -31,6 +31,7 @@ Beyond the original:
 """
 
 import math
+import multiprocessing
 import numbers
 import os
 import random
@@ -233,7 +234,9 @@ class ImageDataset:
         self.random_flip = random_flip
         self.skip_bad_images = skip_bad_images
         self.in_channels = in_channels
-        self._bad = set()  # indices found unreadable (with skip_bad_images)
+        # Indices found unreadable (with skip_bad_images), in shared memory: DataLoader workers are forked
+        # anew each epoch, and each file is reported once per run, not once per worker and epoch.
+        self._bad = multiprocessing.RawArray("b", len(self.local_images)) if skip_bad_images else None
 
     def __len__(self):
         return len(self.local_images)
@@ -243,12 +246,12 @@ class ImageDataset:
             return self._make_item(read_image(self.local_images[idx], self.in_channels), idx)
         count = len(self.local_images)
         for index in ((idx + offset) % count for offset in range(count)):
-            if index in self._bad:
+            if self._bad[index]:
                 continue
             try:
                 image = read_image(self.local_images[index], self.in_channels)
             except BadImageError as err:
-                self._bad.add(index)
+                self._bad[index] = 1
                 warnings.warn(f"skipping unreadable image {self.local_images[index]} ({err.__cause__})")
                 continue
             return self._make_item(image, index)

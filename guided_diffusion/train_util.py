@@ -5,8 +5,14 @@ Checkpoints keep the original's names and formats in the log dir:
 and ``opt{step:06d}.pt`` (AdamW state). Beside them this port writes
 ``state{step:06d}.pt``, a small file with what an exact resume needs (the global
 step, the RNG states of every rank, the loss scale, the position in the data
-stream, the schedule sampler's history). It is written last, so it also marks
-the set as complete. Every file is written atomically (``atomic.atomic_save``).
+stream, the schedule sampler's history, the list of the set's files). The model
+file is renamed into place last, once the others are durable, so a visible model
+file always has its whole set (`checkpoint_sets`); a folder or ``auto`` resumes
+from the newest complete set, and an incomplete one is refused.
+
+With ``save_on_signal`` (the scripts' ``--save_on_signal``, SIGTERM and SIGUSR1 by
+default) a signal stops every rank after the current iteration; a complete set is
+written and `preemption.TrainingPreempted` exits with status 75 (`preemption`).
 
 Resuming from a set with a state file continues exactly where the run stopped:
 on CPU in float32, N steps straight and N/2 steps + kill + resume give
@@ -24,7 +30,6 @@ import copy
 import functools
 import os
 import random
-import re
 import time
 
 import numpy as np
@@ -32,9 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from . import checkpoints, dist_util, fastpaths, logger, perf
-from .atomic import atomic_save
-from .errors import usage
+from . import checkpoint_sets, checkpoints, dist_util, fastpaths, logger, perf, preemption
+from .errors import is_usage_error, usage
 from .fp16_util import MixedPrecisionTrainer, TrainingDivergedError
 from .image_datasets import load_data
 from .nn import update_ema
@@ -42,14 +46,10 @@ from .resample import LossAwareSampler, UniformSampler
 from .script_util import add_preset_argument, parse_args_with_presets
 
 STATE_FORMAT = 1
-# Test hook: "SECONDS" or "SECONDS@STEP": sleep right after the model file of a
-# checkpoint set (of that step only, with @STEP) is written, so that a test can
-# kill the process in the middle of a save.
+# Test hook: "SECONDS" or "SECONDS@STEP": sleep after every file event of a checkpoint
+# save (each temporary file written, each rename; of that step only, with @STEP), so
+# that a test can kill the process in the middle of a save.
 SAVE_PAUSE_ENV = "GUIDED_DIFFUSION_SAVE_PAUSE"
-
-_SET_MEMBER = re.compile(r"^(?:model|opt|state|ema_[^_]+_)(\d+)\.pt$")
-_STATE_FILE = re.compile(r"^state(\d+)\.pt$")
-_MODEL_FILE = re.compile(r"^model(\d+)\.pt$")
 
 
 # ---------------------------------------------------------------------------
@@ -124,81 +124,84 @@ def _log_losses(diffusion, ts, losses, extra=()):
 
 
 # ---------------------------------------------------------------------------
-# Checkpoint sets
-
-
-def checkpoint_set_step(path):
-    """The step digits of any file of a checkpoint set (model/ema/opt/state), or None."""
-    m = _SET_MEMBER.match(os.path.basename(path))
-    return m.group(1) if m else None
+# Checkpoint sets (written, found and checked by `checkpoint_sets`)
 
 
 def find_latest_checkpoint(directory):
-    """The ``model*.pt`` of the newest complete set in ``directory``, or None.
+    """The ``model*.pt`` of the newest complete set in ``directory``, or None."""
+    return checkpoint_sets.find_latest(directory)
 
-    A set is complete when its state file exists (written last). A folder of the
-    original's checkpoints has no state files; its newest model file is returned.
+
+def resolve_resume_checkpoint(path, *, allow_partial=False, log_dir=None):
+    """Map ``--resume_checkpoint`` to the model file to load ("" for none).
+
+    ``path`` is a folder (its newest complete set), any file of a set, or ``auto``:
+    the newest complete set in ``log_dir`` (default: the logger's), "" when there is
+    none, so that one command line starts a run and resumes it after preemption. An
+    incomplete set is refused unless ``allow_partial`` (see `checkpoint_sets.resolve`).
     """
-    if not os.path.isdir(directory):
-        return None
-    names = os.listdir(directory)
-    complete = [m.group(1) for m in map(_STATE_FILE.match, names) if m]
-    complete = [d for d in complete if f"model{d}.pt" in names]
-    if complete:
-        return os.path.join(directory, f"model{max(complete, key=int)}.pt")
-    if any(_STATE_FILE.match(n) for n in names):
-        return None
-    models = [m.group(1) for m in map(_MODEL_FILE.match, names) if m]
-    return os.path.join(directory, f"model{max(models, key=int)}.pt") if models else None
-
-
-def resolve_resume_checkpoint(path):
-    """Map ``--resume_checkpoint`` (a folder, or any file of a set) to the model file."""
+    if path == "auto":
+        return find_latest_checkpoint(log_dir or get_blob_logdir()) or ""
     if not path:
         return ""
-    if os.path.isdir(path):
-        found = find_latest_checkpoint(path)
-        if found is None:
-            raise usage(FileNotFoundError(
-                f"--resume_checkpoint {path!r} is a folder without checkpoints (model*.pt). "
-                "Pass a checkpoint file or the log dir of an earlier run."
-            ))
-        return found
-    digits = checkpoint_set_step(path)
-    if digits is not None:
-        path = os.path.join(os.path.dirname(path), f"model{digits}.pt")
-    if not os.path.exists(path):
-        raise usage(FileNotFoundError(
-            f"--resume_checkpoint: model file {path!r} does not exist. Pass an existing "
-            "model*.pt / ema_*.pt / opt*.pt / state*.pt file or a log dir."
-        ))
-    return path
+    return checkpoint_sets.resolve(path, allow_partial=allow_partial)
 
 
 def state_path_for(model_path):
-    digits = checkpoint_set_step(model_path)
+    digits = checkpoint_sets.set_step(model_path)
     if digits is None:
         return None
     return os.path.join(os.path.dirname(model_path), f"state{digits}.pt")
 
 
 def write_checkpoint_set(folder, name, *, model, emas, opt, state):
-    """Write the set ``name`` (its step) into ``folder``: model, EMAs, optimizer, then the state file.
+    """Write the set ``name`` (its step) into ``folder``; the model file appears last, once the
+    EMAs, optimizer and state files are durable (`checkpoint_sets.write_set`).
 
-    ``model``, ``opt`` and ``state`` are state dicts; ``emas`` gives ``(rate,
-    state_dict)`` pairs, each made just before it is written. The state file comes
-    last, so a set with one is complete. Returns the model file's path.
+    ``emas`` gives ``(rate, make_state_dict)`` pairs. Returns the model file's path.
     """
-    logger.log(f"saving model {name:06d}...")
-    path = os.path.join(folder, f"model{name:06d}.pt")
-    atomic_save(model, path)
-    _test_pause(name)
-    for rate, ema in emas:
-        logger.log(f"saving model {rate}...")
-        atomic_save(ema, os.path.join(folder, f"ema_{rate}_{name:06d}.pt"))
-    atomic_save(opt, os.path.join(folder, f"opt{name:06d}.pt"))
-    atomic_save(state, os.path.join(folder, f"state{name:06d}.pt"))
-    return path
+    logger.log(f"saving checkpoint set {name:06d} (EMA rates {', '.join(str(r) for r, _ in emas) or 'none'})...")
+    return checkpoint_sets.write_set(folder, name, model=model, emas=emas, opt=opt, state=state,
+                                     on_event=lambda path, stage: _test_pause(name))
+
+
+def load_set_member(path, **kwargs):
+    """`dist_util.load_state_dict` of a checkpoint-set file; a damaged file gives one line naming it
+    and the newest intact set (all ranks must call)."""
+    try:
+        return dist_util.load_state_dict(path, **kwargs)
+    except checkpoints.CheckpointError as err:
+        raise checkpoints.CheckpointError(checkpoint_sets.damaged_message(path, err)) from None
+
+
+def _check_labels(cond, num_classes):
+    labels = cond.get("y") if num_classes else None
+    if labels is not None and labels.numel() and int(labels.max()) >= num_classes:
+        raise usage(ValueError(
+            f"--data_dir holds class {int(labels.max())} (classes are the file-name prefixes before '_', numbered "
+            f"from 0 in sorted order), but --num_classes is {num_classes}: set --num_classes to the number of "
+            "classes in the data, or rename the files"
+        ))
+
+
+def next_batch(data, num_classes=None):
+    """``next(data)``, its labels checked against ``num_classes``; a data error of the user's (a bad
+    image file, a class out of range) on any rank stops every rank, as one line each (all ranks call)."""
+    batch, error = None, None
+    try:
+        batch = next(data)
+        _check_labels(batch[1], num_classes)
+    except Exception as err:
+        if not is_usage_error(err) or dist_util.get_world_size() == 1:
+            raise
+        error = err
+    if dist_util.get_world_size() > 1 and dist_util.any_rank(error is not None):
+        messages = dist_util.all_gather_objects(None if error is None else str(error))
+        if error is not None:
+            raise error
+        rank, text = next((r, m) for r, m in enumerate(messages) if m)
+        raise usage(ValueError(f"(rank {rank}) {text}"))
+    return batch
 
 
 def read_state_file(model_path):
@@ -206,7 +209,7 @@ def read_state_file(model_path):
     path = state_path_for(model_path)
     if path is None or not os.path.exists(path):
         return None
-    state = dist_util.load_state_dict(path, map_location="cpu")
+    state = load_set_member(path, map_location="cpu")
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: unknown state file format {state.get('format')!r}; expected {STATE_FORMAT}")
     return state
@@ -380,6 +383,9 @@ class TrainLoop:
         fused_adam=False,           # fused AdamW kernel (CPU or GPU; rounds differently from the original)
         class_dropout_prob=0.0,     # share of labels replaced by the null label -1 (classifier-free guidance)
         seed=0,                     # seeds the label dropout (with the step, rank and microbatch)
+        allow_partial_resume=False, # resume from an incomplete set as the original did (else refused)
+        keep_checkpoints=0,         # keep the newest N complete sets, delete older ones (0: keep all)
+        save_on_signal="",          # e.g. "TERM,USR1": on these signals save a set and exit with status 75
     ):
         self.model = model
         self.diffusion = diffusion
@@ -404,6 +410,10 @@ class TrainLoop:
             ))
         self.class_dropout_prob = class_dropout_prob
         self.seed = seed
+        if keep_checkpoints < 0:
+            raise usage(ValueError(f"--keep_checkpoints must be 0 (keep all) or a positive count; got {keep_checkpoints}"))
+        self.keep_checkpoints = keep_checkpoints
+        self.stop_request = preemption.StopRequest(save_on_signal)
         perf.check_flags(_Flags(use_bf16=use_bf16, use_fp16=use_fp16), dist_util.dev())
         if log_interval <= 0 or save_interval <= 0:
             raise usage(ValueError(
@@ -414,7 +424,7 @@ class TrainLoop:
         self.resume_step = 0        # global index of this process's first iteration
         self.global_batch = batch_size * dist_util.get_world_size()
         self.batches_consumed = 0   # position in the data stream
-        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint)
+        self.resume_checkpoint = resolve_resume_checkpoint(resume_checkpoint, allow_partial=allow_partial_resume)
         self._loaded_name_step = 0
         self._resume_state = None
         self._last_saved = None
@@ -457,7 +467,7 @@ class TrainLoop:
             self._loaded_name_step = parse_resume_step_from_filename(self.resume_checkpoint)
             self.resume_step = self._loaded_name_step
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}...")
-            state_dict = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            state_dict = load_set_member(self.resume_checkpoint, map_location=dist_util.dev())
             checkpoints.load_model_weights(self.model, state_dict, source=self.resume_checkpoint)
         dist_util.sync_params(self.model.parameters())
 
@@ -470,7 +480,7 @@ class TrainLoop:
             )
             return copy.deepcopy(self.mp_trainer.master_params)
         logger.log(f"loading EMA from checkpoint: {path}...")
-        state_dict = dist_util.load_state_dict(path, map_location=dist_util.dev())
+        state_dict = load_set_member(path, map_location=dist_util.dev())
         return [p.detach().clone() for p in self.mp_trainer.state_dict_to_master_params(state_dict)]
 
     def _load_optimizer_state(self):
@@ -479,7 +489,7 @@ class TrainLoop:
             logger.warn(f"no optimizer file {path}; AdamW starts from a fresh state.")
             return
         logger.log(f"loading optimizer state from checkpoint: {path}")
-        self.opt.load_state_dict(dist_util.load_state_dict(path, map_location=dist_util.dev()))
+        self.opt.load_state_dict(load_set_member(path, map_location=dist_util.dev()))
 
     def _load_resume_state(self):
         state = read_state_file(self.resume_checkpoint)
@@ -529,28 +539,41 @@ class TrainLoop:
         return True
 
     def run_loop(self):
-        """Train until ``lr_anneal_steps`` / ``max_steps`` (forever if neither is set)."""
+        """Train until ``lr_anneal_steps`` / ``max_steps`` (forever if neither is set).
+
+        With ``save_on_signal``, a signal ends the run after the current iteration: a
+        complete set is written and `preemption.TrainingPreempted` (exit status 75) raised.
+        """
         logger.log(f"training: logging and checkpoints in {os.path.abspath(get_blob_logdir())}")
-        self._restore_position()
-        tick, images = time.perf_counter(), 0
-        last_idx = None
-        while self._should_continue():
-            idx = self._global_step()
-            batch, cond = next(self.data)
-            self.batches_consumed += 1
-            self.run_step(batch, cond)
-            images += self.global_batch
-            last_idx = idx
-            if idx % self.log_interval == 0:
-                now = time.perf_counter()
-                logger.logkv("images_per_sec", images / max(now - tick, 1e-9))
-                tick, images = now, 0
-                logger.dumpkvs()
-            if idx % self.save_interval == 0:
-                self._write_set(idx, next_step=idx + 1)
-            self.step += 1
-        if last_idx is None or last_idx % self.save_interval != 0:
-            self.save()
+        with self.stop_request:
+            with self.stop_request.deferred():
+                self._restore_position()
+            tick, images = time.perf_counter(), 0
+            last_idx = None
+            while self._should_continue():
+                idx = self._global_step()
+                with self.stop_request.deferred():  # see there: data workers must outlive the signal
+                    batch, cond = next_batch(self.data, getattr(self.model, "num_classes", None))
+                    self.batches_consumed += 1
+                    self.run_step(batch, cond)
+                images += self.global_batch
+                last_idx = idx
+                if idx % self.log_interval == 0:
+                    now = time.perf_counter()
+                    logger.logkv("images_per_sec", images / max(now - tick, 1e-9))
+                    tick, images = now, 0
+                    logger.dumpkvs()
+                if idx % self.save_interval == 0:
+                    self._write_set(idx, next_step=idx + 1)
+                self.step += 1
+                if self.stop_request.requested():
+                    if idx % self.save_interval != 0:
+                        self.save()
+                    stop = self.stop_request.preempted(self._last_saved, os.path.abspath(get_blob_logdir()))
+                    logger.log(str(stop))
+                    raise stop
+            if last_idx is None or last_idx % self.save_interval != 0:
+                self.save()
 
     def run_step(self, batch, cond):
         """One iteration: forward/backward over the microbatches, optimizer step, EMA, lr, logging."""
@@ -636,14 +659,26 @@ class TrainLoop:
 
     def _write_set(self, name, next_step):
         state = self._state_dict(next_step)  # every rank takes part: it gathers their RNG states
+        failure = None
         if dist_util.is_main_process():
             to_state_dict = self.mp_trainer.master_params_to_state_dict
-            self._last_saved = write_checkpoint_set(
-                get_blob_logdir(), name, model=to_state_dict(self.mp_trainer.master_params),
-                emas=((rate, to_state_dict(params)) for rate, params in zip(self.ema_rate, self.ema_params)),
-                opt=self.opt.state_dict(), state=state,
+            folder = get_blob_logdir()
+            try:
+                self._last_saved = write_checkpoint_set(
+                    folder, name, model=to_state_dict(self.mp_trainer.master_params),
+                    emas=[(rate, functools.partial(to_state_dict, params))
+                          for rate, params in zip(self.ema_rate, self.ema_params)],
+                    opt=self.opt.state_dict(), state=state,
+                )
+            except checkpoint_sets.CheckpointSaveError as err:
+                failure = err
+            else:
+                if self.keep_checkpoints:
+                    checkpoint_sets.prune(folder, self.keep_checkpoints)
+        if dist_util.any_rank(failure is not None):  # also the barrier after the save
+            raise failure or checkpoint_sets.CheckpointSaveError(
+                f"rank 0 could not write checkpoint set {name:06d}; its error line says why. Training stopped."
             )
-        dist_util.barrier()
 
     def _state_dict(self, next_step):
         return {
@@ -712,7 +747,7 @@ def train_loop_from_args(args, *, model, diffusion, data, schedule_sampler):
 _LOOP_FLAGS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16",
     "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "max_steps", "compile", "use_bf16", "fused_adam",
-    "class_dropout_prob", "seed",
+    "class_dropout_prob", "seed", "allow_partial_resume", "keep_checkpoints", "save_on_signal",
 )
 
 
@@ -727,6 +762,9 @@ def training_extra_defaults():
         skip_bad_images=False,   # skip unreadable images with a warning instead of stopping
         exact_resume=True,       # on resume, fast-forward the data stream to where the run stopped
         class_dropout_prob=0.0,  # train for classifier-free guidance: this share of labels becomes -1
+        allow_partial_resume=False,  # resume from an incomplete checkpoint set (refused otherwise)
+        keep_checkpoints=0,      # keep the newest N complete checkpoint sets (0: all)
+        save_on_signal="TERM,USR1",  # on these signals: save a complete set and exit with status 75
     )
 
 
@@ -739,11 +777,30 @@ def parse_training_args(parser, argv=None, purpose="train"):
     """
     add_preset_argument(parser)
     first, _ = parser.parse_known_args(argv)
-    if getattr(first, "resume_checkpoint", ""):
-        config = checkpoints.find_config(resolve_resume_checkpoint(first.resume_checkpoint)) or {}
+    resume = _resume_target(first)
+    if resume:
+        config = checkpoints.find_config(resume) or {}
         known = {a.dest for a in parser._actions if a.option_strings}
         parser.set_defaults(**{k: v for k, v in config.items() if k in known and k not in ("resume_checkpoint", "preset")})
-    return parse_args_with_presets(parser, argv, checkpoint_flags=("resume_checkpoint",), purpose=purpose)
+    auto = getattr(first, "resume_checkpoint", "") == "auto"
+    args = parse_args_with_presets(parser, argv, checkpoint_flags=() if auto else ("resume_checkpoint",),
+                                   purpose=purpose)
+    if auto:
+        args.resume_checkpoint = resume
+    return args
+
+
+def _resume_target(first):
+    """The model file that the parsed flags ``first`` resume from ("" for none)."""
+    path = getattr(first, "resume_checkpoint", "")
+    log_dir = getattr(first, "log_dir", "") or os.environ.get("OPENAI_LOGDIR", "")
+    if path == "auto" and not log_dir:
+        raise usage(ValueError(
+            "--resume_checkpoint auto resumes from the log dir, but none is set: pass --log_dir DIR "
+            "(the same on every run of the job) or set $OPENAI_LOGDIR"
+        ))
+    return resolve_resume_checkpoint(path, allow_partial=getattr(first, "allow_partial_resume", False),
+                                     log_dir=log_dir)
 
 
 def start_run(args, purpose="training"):
@@ -753,13 +810,27 @@ def start_run(args, purpose="training"):
     that sampling scripts can rebuild the model without repeating them.
     """
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
+    try:  # every rank opens its own log file: each one stops here alike
+        logger.configure(dir=args.log_dir or None)
+    except OSError as err:
+        raise usage(OSError(
+            f"cannot write to the log dir {args.log_dir or '(default)'} ({err.strerror or err}: {err.filename}): "
+            "make it writable or choose another --log_dir"
+        )) from None
     log_dir = os.path.abspath(logger.get_dir())
     logger.log(f"{purpose}: logging to {log_dir}")
     seed_all(args.seed + dist_util.get_rank())
+    failed = None
     if dist_util.is_main_process():
-        checkpoints.save_config(log_dir, {k: v for k, v in vars(args).items()})
-    dist_util.barrier()
+        try:
+            checkpoints.save_config(log_dir, {k: v for k, v in vars(args).items()})
+        except OSError as err:
+            failed = err
+    if dist_util.any_rank(failed is not None):
+        raise usage(OSError(
+            f"cannot write to the log dir {log_dir} ({failed or 'see rank 0'}): make it writable or "
+            "choose another --log_dir"
+        ))
     return log_dir
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from guided_diffusion import checkpoints, dist_util, errors, logger, perf
+from guided_diffusion import checkpoint_sets, checkpoints, dist_util, errors, logger, perf, preemption
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -30,13 +30,16 @@ from guided_diffusion.script_util import (
     create_classifier_and_diffusion,
 )
 from guided_diffusion.train_util import (
+    load_set_member,
     log_loss_dict,
+    next_batch,
     parse_resume_step_from_filename,
     parse_training_args,
     resolve_resume_checkpoint,
     start_run,
     training_data,
     training_extra_defaults,
+    write_checkpoint_set,
 )
 
 
@@ -55,11 +58,13 @@ class ClassifierTrainer:
         self.diffusion = diffusion
         self.sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion) if args.noised else None
         self.resume_step = 0
-        self.resume_checkpoint = resolve_resume_checkpoint(args.resume_checkpoint)
+        self.last_saved = None  # the model file of the newest set written (rank 0)
+        self.resume_checkpoint = resolve_resume_checkpoint(args.resume_checkpoint,
+                                                           allow_partial=args.allow_partial_resume)
         if self.resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
             logger.log(f"loading model from checkpoint: {self.resume_checkpoint}... at {self.resume_step} step")
-            state_dict = dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+            state_dict = load_set_member(self.resume_checkpoint, map_location=dist_util.dev())
             checkpoints.load_model_weights(model, state_dict, source=self.resume_checkpoint)
         dist_util.sync_params(model.parameters())
         self.mp_trainer = MixedPrecisionTrainer(
@@ -84,7 +89,7 @@ class ClassifierTrainer:
             opt_path = os.path.join(os.path.dirname(self.resume_checkpoint), f"opt{self.resume_step:06d}.pt")
             if os.path.exists(opt_path):
                 logger.log(f"loading optimizer state from checkpoint: {opt_path}")
-                self.opt.load_state_dict(dist_util.load_state_dict(opt_path, map_location=dist_util.dev()))
+                self.opt.load_state_dict(load_set_member(opt_path, map_location=dist_util.dev()))
             else:
                 logger.warn(f"no optimizer file {opt_path}; AdamW starts from a fresh state.")
 
@@ -96,7 +101,7 @@ class ClassifierTrainer:
 
     def forward_backward_log(self, data, prefix="train"):
         """One batch: losses and accuracies logged under ``prefix``; gradients only when training."""
-        batch, extra = next(data)
+        batch, extra = next_batch(data, getattr(self.args, "num_classes", None))
         labels = extra["y"].to(dist_util.dev())
         batch, t = self._noised(batch.to(dist_util.dev()))
         microbatch = self.args.microbatch if self.args.microbatch > 0 else batch.shape[0]
@@ -116,40 +121,58 @@ class ClassifierTrainer:
                 self.mp_trainer.backward(loss.mean() * len(sub_batch) / len(batch))
 
     def save(self, step):
+        """Write model and optimizer files of ``step`` (the model file appears last); all ranks call."""
+        failure = None
         if dist_util.is_main_process():
-            logger.log("saving model...")
             folder = logger.get_dir()
-            checkpoints.atomic_save(
-                self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-                os.path.join(folder, f"model{step:06d}.pt"),
+            try:
+                self.last_saved = write_checkpoint_set(
+                    folder, step, model=self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
+                    emas=[], opt=self.opt.state_dict(), state=None,
+                )
+            except checkpoint_sets.CheckpointSaveError as err:
+                failure = err
+            else:
+                if self.args.keep_checkpoints:
+                    checkpoint_sets.prune(folder, self.args.keep_checkpoints)
+        if dist_util.any_rank(failure is not None):
+            raise failure or checkpoint_sets.CheckpointSaveError(
+                f"rank 0 could not write checkpoint set {step:06d}; its error line says why. Training stopped."
             )
-            checkpoints.atomic_save(self.opt.state_dict(), os.path.join(folder, f"opt{step:06d}.pt"))
-        dist_util.barrier()
 
     def run(self, data, val_data):
+        """Train to ``--iterations`` (or ``--max_steps``); a ``--save_on_signal`` signal saves and exits 75."""
         args = self.args
         total = args.iterations - self.resume_step
         if args.max_steps:
             total = min(total, args.max_steps - self.resume_step)
+        stop_request = preemption.StopRequest(args.save_on_signal)
         step = 0
-        for step in range(max(total, 0)):
-            global_step = step + self.resume_step
-            logger.logkv("step", global_step)
-            logger.logkv("samples", (global_step + 1) * args.batch_size * dist_util.get_world_size())
-            if args.anneal_lr:
-                for group in self.opt.param_groups:
-                    group["lr"] = args.lr * (1 - global_step / args.iterations)
-            self.forward_backward_log(data)
-            self.mp_trainer.optimize(self.opt)
-            if val_data is not None and step % args.eval_interval == 0:
-                self.model.eval()
-                with torch.no_grad():
-                    self.forward_backward_log(val_data, prefix="val")
-                self.model.train()
-            if step % args.log_interval == 0:
-                logger.dumpkvs()
-            if step and global_step % args.save_interval == 0:
-                self.save(global_step)
+        with stop_request:
+            for step in range(max(total, 0)):
+                global_step = step + self.resume_step
+                logger.logkv("step", global_step)
+                logger.logkv("samples", (global_step + 1) * args.batch_size * dist_util.get_world_size())
+                if args.anneal_lr:
+                    for group in self.opt.param_groups:
+                        group["lr"] = args.lr * (1 - global_step / args.iterations)
+                with stop_request.deferred():  # data workers started here must outlive the signal
+                    self.forward_backward_log(data)
+                    self.mp_trainer.optimize(self.opt)
+                    if val_data is not None and step % args.eval_interval == 0:
+                        self.model.eval()
+                        with torch.no_grad():
+                            self.forward_backward_log(val_data, prefix="val")
+                        self.model.train()
+                if step % args.log_interval == 0:
+                    logger.dumpkvs()
+                if step and global_step % args.save_interval == 0:
+                    self.save(global_step)
+                if stop_request.requested():
+                    self.save(global_step + 1)
+                    stop = stop_request.preempted(self.last_saved, os.path.abspath(logger.get_dir()))
+                    logger.log(str(stop))
+                    raise stop
         final = self.resume_step + (step + 1 if total > 0 else 0)
         self.save(final)
 

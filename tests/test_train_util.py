@@ -131,11 +131,15 @@ def test_label_dropout_outside_zero_to_one_is_refused(tmp_path):
         make_loop(tmp_path, num_classes=4, class_dropout_prob=1.0)
 
 
-def test_original_checkpoint_without_state_file_resumes_from_name(tmp_path):
+def test_set_without_state_file_is_refused_unless_partial_resume_is_allowed(tmp_path):
     train_util.seed_all(4)
     make_loop(tmp_path / "a", steps=3).run_loop()
     os.remove(tmp_path / "a" / "state000002.pt")
-    loop = make_loop(tmp_path / "b", steps=3, resume=str(tmp_path / "a" / "model000002.pt"))
+    with pytest.raises(FileNotFoundError, match=r"incomplete \(no state000002\.pt\).*newest complete set there is "
+                                                r".*model000000\.pt.*--allow_partial_resume True"):
+        make_loop(tmp_path / "b", steps=3, resume=str(tmp_path / "a" / "model000002.pt"))
+    loop = make_loop(tmp_path / "b", steps=3, resume=str(tmp_path / "a" / "model000002.pt"),
+                     allow_partial_resume=True)
     assert loop.resume_step == 2
     loop.run_loop()
     assert loop.step == 1
