@@ -244,12 +244,6 @@ class GaussianDiffusion(Samplers):
         # the base chain for a SpacedDiffusion.
         self.schedule = ScheduleView(self.alphas_cumprod)
         self.model_schedule = self.schedule
-        if self.schedule.reaches_zero_snr and model_mean_type.name not in ("START_X", "VELOCITY"):
-            raise usage(ValueError(
-                f"a chain that ends at SNR 0 (--zero_terminal_snr) needs a model that predicts v or x_0, "
-                f"not {model_mean_type.name}: eps says nothing about x_0 at SNR 0. Add --predict_v True "
-                "(or --predict_xstart True)."
-            ))
 
         # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder.
         large_variance = np.append(first, betas[1:])

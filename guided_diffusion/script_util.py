@@ -373,6 +373,13 @@ def create_gaussian_diffusion(
         raise usage(ValueError("--predict_v and --predict_xstart pick two different targets; pass only one."))
     betas = gd.get_named_beta_schedule(noise_schedule, steps, shift=schedule_shift)
     if zero_terminal_snr:
+        if not (predict_v or predict_xstart):
+            # Only for the flag: the original's short linear chains (beta_T = 1 at 20 steps)
+            # also end at SNR 0, and their eps models keep working as they did.
+            raise usage(ValueError(
+                "a chain that ends at SNR 0 (--zero_terminal_snr) needs a model that predicts v or x_0, "
+                "not eps: eps says nothing about x_0 at SNR 0. Add --predict_v True (or --predict_xstart True)."
+            ))
         betas = gd.rescale_zero_terminal_snr(betas)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL

@@ -245,6 +245,12 @@ def test_zero_terminal_snr_refuses_an_eps_model_naming_the_flags():
         su.create_gaussian_diffusion(steps=50, noise_schedule="cosine", zero_terminal_snr=True)
 
 
+def test_the_originals_short_linear_chain_still_builds_for_eps():
+    # 20 linear steps scale beta_T to exactly 1 (abar_T = 0), as in the original: no refusal there.
+    d = su.create_gaussian_diffusion(steps=20, noise_schedule="linear")
+    assert d.schedule.reaches_zero_snr and d.model_mean_type == gd.ModelMeanType.EPSILON
+
+
 def test_shifted_cosine_moves_log_snr_by_minus_two_log_s():
     shift, steps = 2.0, 1000
     plain = gd.get_named_beta_schedule("cosine", steps)
