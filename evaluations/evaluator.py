@@ -243,13 +243,8 @@ def _parse_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Compute Inception Score, FID, sFID, precision and recall of a sample "
-        "batch against a reference batch (OpenAI ADM protocol)."
-    )
-    parser.add_argument("ref_batch", help="path to reference batch npz file")
-    parser.add_argument("sample_batch", help="path to sample batch npz file")
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Inception network's flags, shared by the evaluator and make_reference.py."""
     parser.add_argument(
         "--inception_weights",
         default=None,
@@ -257,6 +252,16 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Compute Inception Score, FID, sFID, precision and recall of a sample "
+        "batch against a reference batch (OpenAI ADM protocol)."
+    )
+    parser.add_argument("ref_batch", help="path to reference batch npz file")
+    parser.add_argument("sample_batch", help="path to sample batch npz file")
+    add_network_arguments(parser)
     parser.add_argument(
         "--cache_dir",
         default=os.environ.get(CACHE_ENV) or None,

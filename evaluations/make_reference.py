@@ -24,8 +24,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `evaluations` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.evaluator import Evaluator, _parse_device  # noqa: E402
-from evaluations.inception import WEIGHTS_ENV, InceptionWeightsError  # noqa: E402
+from evaluations.evaluator import Evaluator, _parse_device, add_network_arguments  # noqa: E402
+from evaluations.inception import InceptionWeightsError  # noqa: E402
 from evaluations.npz_io import BatchIterator, open_npz_array  # noqa: E402
 from guided_diffusion.atomic import atomic_savez  # noqa: E402
 from guided_diffusion.errors import run_main, usage  # noqa: E402
@@ -123,13 +123,7 @@ def create_argparser() -> argparse.ArgumentParser:
         help="images kept in arr_0 for precision/recall, drawn at random (OpenAI's batches keep 10000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset's draw")
-    parser.add_argument(
-        "--inception_weights",
-        default=None,
-        help=f"path to pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV})",
-    )
-    parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    add_network_arguments(parser)
     return parser
 
 
