@@ -235,23 +235,20 @@ def sdedit(diffusion, model, image, strength, *, use_ddim=False, solver=None, st
 
 def _sdedit_solver(diffusion, model, image, strength, solver, steps, spacing, noise, model_kwargs, clip_denoised,
                    cond_fn, progress, options):
+    if strength == 0:
+        return image.clone()
     if noise is None:
         noise = th.randn(*image.shape, device=image.device)
     run = dict(model_kwargs=model_kwargs, clip_denoised=clip_denoised, cond_fn=cond_fn, progress=progress, **options)
-    if strength == 0:
-        return image.clone()
     if strength == 1:
         return solvers.sample(diffusion, model, image.shape, solver, steps, spacing=spacing, noise=noise, **run)
     schedule = diffusion.model_schedule
     top = th.tensor(strength * (schedule.num_timesteps - 1), dtype=th.float64)
     sigma_max = float(schedule.karras_sigma_at(top))
-    if spacing is None and solvers.DEFAULT_SPACING.get(solver) == "adm":
+    if spacing is None and solvers.spacing_of(solver) == "adm":
         spacing = "trailing"
-    times = solvers.grid(diffusion, solver, steps, spacing, sigma_max)
-    sigma = schedule.karras_sigma_at(th.tensor(times[0], dtype=th.float64)).to(image.device)
-    start = (image.to(th.float64) + sigma * noise.to(th.float64)) * th.rsqrt(1 + sigma**2)
-    return solvers.sample(diffusion, model, image.shape, solver, steps, spacing=spacing, noise=start.to(image.dtype),
-                          sigma_max=sigma_max, **run)
+    return solvers.sample(diffusion, model, image.shape, solver, steps, spacing=spacing, noise=noise,
+                          sigma_max=sigma_max, init_image=image, **run)
 
 
 # ----------------------------------------------------------------------------- ILVR

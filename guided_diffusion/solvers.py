@@ -302,11 +302,13 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     chain's top (a ``sigma_max``; the defaults of every solver but ``ddim`` start at 80),
     x_T at the top carried down to the grid without an extra model call
     (``_carry_from_top``). ``options``: solver options (``eta``, ``s_churn``, ``s_tmin``,
-    ``s_tmax``, ``s_noise``, ``order``), the denoiser's ``dynamic_threshold`` and the
-    grid's ``sigma_max`` and ``sigma_min``.
+    ``s_tmax``, ``s_noise``, ``order``), the denoiser's ``dynamic_threshold``, the
+    grid's ``sigma_max`` and ``sigma_min``, and ``init_image``: start instead from that
+    image noised with ``noise`` to the grid's first noise level (SDEdit; no carry).
     """
     step_fn = _solver(solver)
     times = grid(diffusion, step_fn, steps, spacing, options.pop("sigma_max", None), options.pop("sigma_min", None))
+    init_image = options.pop("init_image", None)
     check_options(step_fn, options)
     denoiser = KarrasDenoiser(
         diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
@@ -330,6 +332,8 @@ def run(diffusion, model, shape, solver, steps, *, spacing=None, noise=None, mod
     if torch.isinf(sigmas[0]):  # the grid starts at a zero-terminal-SNR chain's SNR-0 step
         y = _step_from_zero_snr(denoiser, noise.to(torch.float64), times[0], sigmas[1])
         sigmas, times_t = sigmas[1:], times_t[1:]
+    elif init_image is not None:  # x_t = x_0 + sigma eps in the Karras form
+        y = init_image.to(device=device, dtype=torch.float64) + sigmas[0] * noise.to(torch.float64)
     elif times[0] < schedule.num_timesteps - 1 and spacing_of(step_fn, spacing) != "adm":
         y, denoise = _carry_from_top(denoise, noise, float(schedule.karras_sigma[-1]), sigmas[0])
     else:
@@ -446,7 +450,7 @@ def _solver(solver):
 
 
 def check_options(step_fn, options):
-    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min"}
+    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min", "init_image"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise usage(ValueError(

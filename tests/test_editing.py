@@ -4,7 +4,7 @@ ILVR and DPS against plain sampling, an exactly solvable model and their own gua
 import pytest
 import torch
 
-from guided_diffusion import editing, script_util
+from guided_diffusion import editing, script_util, solvers
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.outputs import to_uint8_images
 
@@ -187,6 +187,22 @@ def test_sdedit_stays_nearer_the_guide_at_lower_strength(unet, image):
 
     assert distance(0.2) < distance(0.9)
     assert distance(0.2, solver="dpmpp_2m", steps=4) < distance(0.9, solver="dpmpp_2m", steps=4)
+
+
+def test_sdedit_with_a_solver_follows_the_exact_ode_from_the_noised_guide():
+    # The guide noised to the grid's top is the start itself, not x_T to be carried down.
+    d = diffusion("linear")
+    data = GaussianData(d)
+    g = torch.Generator().manual_seed(3)
+    guide = torch.randn(8, 16, dtype=torch.float64, generator=g)
+    noise = torch.randn(8, 16, dtype=torch.float64, generator=g)
+    strength = 0.3
+    sigma_max = float(d.model_schedule.karras_sigma_at(torch.tensor(strength * 999, dtype=torch.float64)))
+    times = solvers.grid(d, "dpmpp_2m", 80, None, sigma_max)
+    s0 = float(d.model_schedule.karras_sigma_at(torch.tensor(times[0])))
+    exact = data.solution((guide + s0 * noise) / (1 + s0**2) ** 0.5, times)
+    edited = editing.sdedit(d, data, guide, strength, solver="dpmpp_2m", steps=80, noise=noise, clip_denoised=False)
+    assert float((edited - exact).abs().max()) < 1e-3
 
 
 def test_sdedit_refuses_a_strength_outside_zero_one(unet, image):
