@@ -29,7 +29,8 @@ normalisation"). Closed forms, with snr = exp(lambda) and sigma = exp(-lambda / 
   weighting): the unweighted v loss, (snr + 1) / snr on eps.
 
 Every form is written so that it stays finite at snr = 0 (a zero-terminal-SNR chain's
-last step) for the x_0 and v targets.
+last step) for the x_0 and v targets, and for eps where its limit is finite (min_snr:
+1, p2: 1 / k^gamma; edm and snr_plus_one put an infinite weight on eps there).
 """
 
 import torch
@@ -46,9 +47,16 @@ class LossWeight:
         """The weight on the MSE of x_0 at signal-to-noise ratio ``snr`` (float64 tensor)."""
         raise NotImplementedError
 
+    def eps_weight(self, snr):
+        """The weight on the MSE of eps, w_x0 / snr; a weighting whose limit at snr = 0 is finite
+        writes it in a form that stays finite there (0/0 otherwise)."""
+        return self.x0_weight(snr) / snr
+
     def weight(self, logsnr, parameterisation):
         """The weight on the MSE of ``parameterisation``'s target at ``logsnr`` (float64 tensor [B])."""
         snr = torch.exp(logsnr)
+        if parameterisation.mean_type == "EPSILON":
+            return self.eps_weight(snr)
         return self.x0_weight(snr) / parameterisation.x0_mse_scale(snr)
 
     def __repr__(self):
@@ -65,12 +73,8 @@ class MinSNR(LossWeight):
     def x0_weight(self, snr):
         return snr.clamp(max=self.gamma)
 
-    def weight(self, logsnr, parameterisation):
-        snr = torch.exp(logsnr)
-        if parameterisation.mean_type == "EPSILON":
-            # min(snr, gamma) / snr as min(1, gamma / snr): also 1 (not 0/0) at snr = 0.
-            return (self.gamma / snr).clamp(max=1.0)
-        return self.x0_weight(snr) / parameterisation.x0_mse_scale(snr)
+    def eps_weight(self, snr):
+        return (self.gamma / snr).clamp(max=1.0)  # min(snr, gamma) / snr as min(1, gamma / snr)
 
 
 class P2(LossWeight):
@@ -82,6 +86,9 @@ class P2(LossWeight):
 
     def x0_weight(self, snr):
         return snr / (self.k + snr) ** self.gamma
+
+    def eps_weight(self, snr):
+        return 1.0 / (self.k + snr) ** self.gamma
 
 
 class EDM(LossWeight):

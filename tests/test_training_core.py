@@ -251,6 +251,14 @@ def test_the_originals_short_linear_chain_still_builds_for_eps():
     assert d.schedule.reaches_zero_snr and d.model_mean_type == gd.ModelMeanType.EPSILON
 
 
+def test_eps_weights_take_their_finite_limit_at_snr_zero():
+    # The original's 20-step linear chain ends at SNR 0; min-SNR and P2 on eps have finite limits there.
+    t = torch.tensor([19])
+    for name, limit in (("min_snr", 1.0), ("p2", 1.0 / 2.0**1.5)):
+        d = su.create_gaussian_diffusion(steps=20, noise_schedule="linear", loss_weight=name, p2_k=2.0, p2_gamma=1.5)
+        assert float(d._loss_weight_at(t, torch.zeros(1, 3))) == pytest.approx(limit)
+
+
 def test_shifted_cosine_moves_log_snr_by_minus_two_log_s():
     shift, steps = 2.0, 1000
     plain = gd.get_named_beta_schedule("cosine", steps)
