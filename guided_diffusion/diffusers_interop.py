@@ -34,7 +34,7 @@ from .atomic import atomic_write, atomic_write_text
 from .checkpoints import load_checkpoint_file
 from .errors import usage
 from .flags import model_and_diffusion_defaults, model_extra_defaults
-from .script_util import attention_downsample_rates, parse_channel_mult
+from .script_util import attention_downsample_rates, betas_from_flags, parse_channel_mult
 
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -266,9 +266,9 @@ def from_diffusers_state_dict(state_dict, flags):
 def scheduler_config(flags):
     """DDPMScheduler's config for the diffusion ``flags`` describe (all T steps; respacing is a sampling choice)."""
     flags = _complete(flags)
-    betas = gd.get_named_beta_schedule(flags["noise_schedule"], flags["diffusion_steps"], shift=flags["schedule_shift"])
-    if flags["zero_terminal_snr"]:
-        betas = gd.rescale_zero_terminal_snr(betas)
+    betas = betas_from_flags(flags["noise_schedule"], flags["diffusion_steps"],
+                             schedule_shift=flags["schedule_shift"],
+                             zero_terminal_snr=flags["zero_terminal_snr"])
     return {
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -339,6 +339,13 @@ def _build_unet(cls, image_size, mult_table, flags):
     )
 
 
+def betas_from_flags(noise_schedule, steps, *, schedule_shift=1.0, zero_terminal_snr=False):
+    """The training chain's betas (float64) for these flags: the named schedule, shifted, and
+    rescaled to end at SNR 0 when ``zero_terminal_snr``."""
+    betas = gd.get_named_beta_schedule(noise_schedule, steps, shift=schedule_shift)
+    return gd.rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
 def create_gaussian_diffusion(
     *,
     steps=1000,
@@ -371,16 +378,14 @@ def create_gaussian_diffusion(
     """
     if predict_v and predict_xstart:
         raise usage(ValueError("--predict_v and --predict_xstart pick two different targets; pass only one."))
-    betas = gd.get_named_beta_schedule(noise_schedule, steps, shift=schedule_shift)
-    if zero_terminal_snr:
-        if not (predict_v or predict_xstart):
-            # Only for the flag: the original's short linear chains (beta_T = 1 at 20 steps)
-            # also end at SNR 0, and their eps models keep working as they did.
-            raise usage(ValueError(
-                "a chain that ends at SNR 0 (--zero_terminal_snr) needs a model that predicts v or x_0, "
-                "not eps: eps says nothing about x_0 at SNR 0. Add --predict_v True (or --predict_xstart True)."
-            ))
-        betas = gd.rescale_zero_terminal_snr(betas)
+    if zero_terminal_snr and not (predict_v or predict_xstart):
+        # Only for the flag: the original's short linear chains (beta_T = 1 at 20 steps)
+        # also end at SNR 0, and their eps models keep working as they did.
+        raise usage(ValueError(
+            "a chain that ends at SNR 0 (--zero_terminal_snr) needs a model that predicts v or x_0, "
+            "not eps: eps says nothing about x_0 at SNR 0. Add --predict_v True (or --predict_xstart True)."
+        ))
+    betas = betas_from_flags(noise_schedule, steps, schedule_shift=schedule_shift, zero_terminal_snr=zero_terminal_snr)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
