@@ -127,6 +127,9 @@ def _init_from_torchrun():
     )
 
 
+_FLAG_GROUP = None  # the CPU (gloo) group of any_rank under NCCL; None: the default group
+
+
 def setup_dist():
     """Create the default ``torch.distributed`` process group (a no-op if it exists).
 
@@ -142,6 +145,10 @@ def setup_dist():
     else:
         _select_device(_local_rank_from_env() or 0)
         _init_single_process()
+    global _FLAG_GROUP
+    # Yes/no flags shared every training step (a stop signal, a data error) go over a CPU group,
+    # so that with NCCL they never wait for the GPU's queued work.
+    _FLAG_GROUP = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
     atexit.unregister(_destroy_at_exit)  # one entry, after mpi4py's: a group set up again moves it
     atexit.register(_destroy_at_exit)
 
@@ -154,6 +161,8 @@ def _destroy_at_exit():
     aborts a finished job with signal 6 under mpiexec. Registered after mpi4py's
     import, so it runs before MPI_Finalize.
     """
+    global _FLAG_GROUP
+    _FLAG_GROUP = None
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -308,6 +317,7 @@ def any_rank(flag):
     """True on every rank when ``flag`` is true on any rank (collective: every rank must call it)."""
     if get_world_size() == 1:
         return bool(flag)
-    shared = torch.tensor([int(bool(flag))], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    on_cpu = _FLAG_GROUP is not None
+    shared = torch.tensor([int(bool(flag))], dtype=torch.int32, device="cpu" if on_cpu else comm_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=_FLAG_GROUP if on_cpu else None)
     return bool(shared.item())

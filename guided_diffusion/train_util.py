@@ -195,7 +195,7 @@ def next_batch(data, num_classes=None):
         if not is_usage_error(err) or dist_util.get_world_size() == 1:
             raise
         error = err
-    if dist_util.get_world_size() > 1 and dist_util.any_rank(error is not None):
+    if dist_util.any_rank(error is not None):
         messages = dist_util.all_gather_objects(None if error is None else str(error))
         if error is not None:
             raise error
