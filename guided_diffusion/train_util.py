@@ -165,6 +165,27 @@ def write_checkpoint_set(folder, name, *, model, emas, opt, state):
                                      on_event=lambda path, stage: _test_pause(name))
 
 
+def write_set_on_rank0(folder, name, keep, files):
+    """Rank 0 writes the checkpoint set ``name`` into ``folder`` from ``files()`` (the keyword
+    arguments of `write_checkpoint_set`) and then keeps only the newest ``keep`` sets (0: all);
+    every rank learns whether the save failed and raises alike (all ranks call). Returns the
+    model file on rank 0, None elsewhere."""
+    failure = path = None
+    if dist_util.is_main_process():
+        try:
+            path = write_checkpoint_set(folder, name, **files())
+        except checkpoint_sets.CheckpointSaveError as err:
+            failure = err
+        else:
+            if keep:
+                checkpoint_sets.prune(folder, keep)
+    if dist_util.any_rank(failure is not None):  # also the barrier after the save
+        raise failure or checkpoint_sets.CheckpointSaveError(
+            f"rank 0 could not write checkpoint set {name:06d}; its error line says why. Training stopped."
+        )
+    return path
+
+
 def load_set_member(path, **kwargs):
     """`dist_util.load_state_dict` of a checkpoint-set file; a damaged file gives one line naming it
     and the newest intact set (all ranks must call)."""
@@ -567,13 +588,13 @@ class TrainLoop:
                     self._write_set(idx, next_step=idx + 1)
                 self.step += 1
                 if self.stop_request.requested():
-                    if idx % self.save_interval != 0:
-                        self.save()
-                    stop = self.stop_request.preempted(self._last_saved, os.path.abspath(get_blob_logdir()))
-                    logger.log(str(stop))
-                    raise stop
+                    break
             if last_idx is None or last_idx % self.save_interval != 0:
                 self.save()
+            if self.stop_request.requested():
+                stop = self.stop_request.preempted(self._last_saved, os.path.abspath(get_blob_logdir()))
+                logger.log(str(stop))
+                raise stop
 
     def run_step(self, batch, cond):
         """One iteration: forward/backward over the microbatches, optimizer step, EMA, lr, logging."""
@@ -659,26 +680,17 @@ class TrainLoop:
 
     def _write_set(self, name, next_step):
         state = self._state_dict(next_step)  # every rank takes part: it gathers their RNG states
-        failure = None
-        if dist_util.is_main_process():
-            to_state_dict = self.mp_trainer.master_params_to_state_dict
-            folder = get_blob_logdir()
-            try:
-                self._last_saved = write_checkpoint_set(
-                    folder, name, model=to_state_dict(self.mp_trainer.master_params),
-                    emas=[(rate, functools.partial(to_state_dict, params))
-                          for rate, params in zip(self.ema_rate, self.ema_params)],
-                    opt=self.opt.state_dict(), state=state,
-                )
-            except checkpoint_sets.CheckpointSaveError as err:
-                failure = err
-            else:
-                if self.keep_checkpoints:
-                    checkpoint_sets.prune(folder, self.keep_checkpoints)
-        if dist_util.any_rank(failure is not None):  # also the barrier after the save
-            raise failure or checkpoint_sets.CheckpointSaveError(
-                f"rank 0 could not write checkpoint set {name:06d}; its error line says why. Training stopped."
+        to_state_dict = self.mp_trainer.master_params_to_state_dict
+
+        def files():
+            return dict(
+                model=to_state_dict(self.mp_trainer.master_params),
+                emas=[(rate, functools.partial(to_state_dict, params))
+                      for rate, params in zip(self.ema_rate, self.ema_params)],
+                opt=self.opt.state_dict(), state=state,
             )
+
+        self._last_saved = write_set_on_rank0(get_blob_logdir(), name, self.keep_checkpoints, files) or self._last_saved
 
     def _state_dict(self, next_step):
         return {

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from guided_diffusion import checkpoint_sets, checkpoints, dist_util, errors, logger, perf, preemption
+from guided_diffusion import checkpoints, dist_util, errors, logger, perf, preemption
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -39,7 +39,7 @@ from guided_diffusion.train_util import (
     start_run,
     training_data,
     training_extra_defaults,
-    write_checkpoint_set,
+    write_set_on_rank0,
 )
 
 
@@ -122,23 +122,11 @@ class ClassifierTrainer:
 
     def save(self, step):
         """Write model and optimizer files of ``step`` (the model file appears last); all ranks call."""
-        failure = None
-        if dist_util.is_main_process():
-            folder = logger.get_dir()
-            try:
-                self.last_saved = write_checkpoint_set(
-                    folder, step, model=self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-                    emas=[], opt=self.opt.state_dict(), state=None,
-                )
-            except checkpoint_sets.CheckpointSaveError as err:
-                failure = err
-            else:
-                if self.args.keep_checkpoints:
-                    checkpoint_sets.prune(folder, self.args.keep_checkpoints)
-        if dist_util.any_rank(failure is not None):
-            raise failure or checkpoint_sets.CheckpointSaveError(
-                f"rank 0 could not write checkpoint set {step:06d}; its error line says why. Training stopped."
-            )
+        def files():
+            model = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+            return dict(model=model, emas=[], opt=self.opt.state_dict(), state=None)
+
+        self.last_saved = write_set_on_rank0(logger.get_dir(), step, self.args.keep_checkpoints, files) or self.last_saved
 
     def run(self, data, val_data):
         """Train to ``--iterations`` (or ``--max_steps``); a ``--save_on_signal`` signal saves and exits 75."""
@@ -169,12 +157,13 @@ class ClassifierTrainer:
                 if step and global_step % args.save_interval == 0:
                     self.save(global_step)
                 if stop_request.requested():
-                    self.save(global_step + 1)
-                    stop = stop_request.preempted(self.last_saved, os.path.abspath(logger.get_dir()))
-                    logger.log(str(stop))
-                    raise stop
-        final = self.resume_step + (step + 1 if total > 0 else 0)
-        self.save(final)
+                    break
+            final = self.resume_step + (step + 1 if total > 0 else 0)
+            self.save(final)
+            if stop_request.requested():
+                stop = stop_request.preempted(self.last_saved, os.path.abspath(logger.get_dir()))
+                logger.log(str(stop))
+                raise stop
 
 
 def main(argv=None):
