@@ -14,6 +14,7 @@ them (the one a reader looks for) appears only after all the others are in place
 """
 
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -46,19 +47,42 @@ def atomic_write(path, write):
         with blobfile.BlobFile(path, "wb") as f:
             write(f)
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = _write_temporary(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_temporary(path, write):
+    """The name of a temporary file beside ``path`` holding what ``write(fileobj)`` wrote, fsynced;
+    nothing is left behind if ``write`` fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove_quietly(tmp)
         raise
-    _fsync_folder(folder)
+    return tmp
+
+
+def remove_temporaries(folder, destinations):
+    """Remove from ``folder`` the temporary files that killed atomic writes of files whose names
+    match the regular expression ``destinations`` left behind."""
+    pattern = re.compile(rf"^\.(?:{destinations})\..+\.tmp$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if pattern.match(name):
+            _remove_quietly(os.path.join(folder, name))
 
 
 def _remove_quietly(path):
@@ -89,14 +113,8 @@ def atomic_write_set(writes, on_event=None):
                 atomic_write(path, write)
                 on_event(path, "renamed")
                 continue
-            folder = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-            done.append((tmp, path))
-            folders.add(folder)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
+            done.append((_write_temporary(path, write), path))
+            folders.add(os.path.dirname(os.path.abspath(path)))
             on_event(path, "written")
         if done:
             _remove_quietly(done[-1][1])

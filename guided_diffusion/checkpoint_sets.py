@@ -20,15 +20,14 @@ import shutil
 
 import torch
 
-from .atomic import atomic_write_set
+from . import atomic
 from .checkpoints import CheckpointError, load_checkpoint_file
 from .errors import usage
 
+_MEMBER_STEM = r"(?:model|opt|state|ema_[^_]+_)\d+\.pt"  # the file names of a set's members
 _MEMBER = re.compile(r"^(?:model|opt|state|ema_[^_]+_)(\d+)\.pt$")
 _MODEL = re.compile(r"^model(\d+)\.pt$")
 _STATE = re.compile(r"^state(\d+)\.pt$")
-# atomic_write_set's temporary files of set members, left behind by a killed save.
-_TEMPORARY = re.compile(r"^\.(?:model|opt|state|ema_[^_]+_)\d+\.pt\..+\.tmp$")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -208,16 +207,6 @@ def _save(obj, f):
         raise recording.error from None
 
 
-def remove_temporaries(folder):
-    """Remove the temporary files that killed saves left in ``folder``."""
-    for name in _listdir(folder):
-        if _TEMPORARY.match(name):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
-
-
 def write_set(folder, name, *, model, emas, opt, state, on_event=None):
     """Write the set of step ``name`` into ``folder``: EMAs, optimizer, state, and the model file last.
 
@@ -228,7 +217,7 @@ def write_set(folder, name, *, model, emas, opt, state, on_event=None):
     leaves no file of the set behind; the earlier sets are untouched.
     """
     digits = f"{name:06d}"
-    remove_temporaries(folder)
+    atomic.remove_temporaries(folder, _MEMBER_STEM)  # of saves killed before
     written = []
 
     def _member(file_name, obj):
@@ -244,7 +233,7 @@ def write_set(folder, name, *, model, emas, opt, state, on_event=None):
         yield _member(f"model{digits}.pt", model)
 
     try:
-        atomic_write_set(writes(), on_event=on_event)
+        atomic.atomic_write_set(writes(), on_event=on_event)
     except OSError as err:
         size = _nbytes(model) * (1 + len(emas)) + _nbytes(opt) + _nbytes(state)
         try:
