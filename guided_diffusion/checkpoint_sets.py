@@ -151,18 +151,21 @@ def resolve(path, *, allow_partial=False):
         return path
     folder = os.path.dirname(path)
     model = model_path(folder, digits)
-    missing = missing_files(folder or ".", digits)
-    newest = find_latest(folder or ".")
-    advice = f"The newest complete set there is {newest}." if newest else "There is no complete set there."
+
+    def advice():  # read only for an error: it loads the folder's state files
+        newest = find_latest(folder or ".")
+        return f"The newest complete set there is {newest}." if newest else "There is no complete set there."
+
     if not os.path.exists(model):
         raise usage(FileNotFoundError(
-            f"--resume_checkpoint: model file {model!r} does not exist. {advice} Pass an existing "
+            f"--resume_checkpoint: model file {model!r} does not exist. {advice()} Pass an existing "
             "model*.pt / ema_*.pt / opt*.pt / state*.pt file or a log dir."
         ))
-    if missing and not allow_partial:
+    missing = [] if allow_partial else missing_files(folder or ".", digits)
+    if missing:
         raise usage(FileNotFoundError(
             f"--resume_checkpoint: the checkpoint set of {model} is incomplete (no {', '.join(missing)}): "
-            f"its save was interrupted. {advice} Resume from that (or from the folder), or pass "
+            f"its save was interrupted. {advice()} Resume from that (or from the folder), or pass "
             "--allow_partial_resume True to load what there is and resume inexactly, as the original did."
         ))
     return model
