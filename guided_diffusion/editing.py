@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import solvers
 from .denoiser import Denoiser
 from .errors import usage
-from .samplers import batch_timesteps, ddpm_step, model_device, progress_bar, run_loop
+from .samplers import batch_timesteps, ddpm_step, last_sample, model_device, progress_bar, run_loop
 
 # ----------------------------------------------------------------------------- inpainting
 
@@ -123,20 +123,18 @@ def invert(diffusion, model, image, steps, *, model_kwargs=None, clip_denoised=F
     whose eps is read at the grid's lowest level. So the round trip is exact as the steps
     grow. Clipping x_0 (``clip_denoised``) breaks that mirror and is off by default.
     """
-    denoiser = solvers.to_karras_denoiser(diffusion, model, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                          model_kwargs=model_kwargs)
-    times = th.from_numpy(solvers.timesteps(diffusion, steps, spacing)[::-1].copy()).to(image.device)
-    sigmas = diffusion.model_schedule.karras_sigma_at(times)
+    eps, levels = _grid_eps(diffusion, model, image, steps, spacing, clip_denoised=clip_denoised, cond_fn=cond_fn,
+                            model_kwargs=model_kwargs)
     y = image.to(th.float64)
     trajectory = [image]
-    level, at = 0.0, 0  # the noise level of y and the grid step whose model call reads it
     for i in progress_bar(range(steps), progress):
-        with th.no_grad():
-            eps = (y - denoiser.denoise(y, sigmas[at], times[at], {})) / sigmas[at]
-            y = y + (sigmas[i] - level) * eps
-        level, at = sigmas[i], i
-        trajectory.append((y * th.rsqrt(1 + level**2)).to(image.dtype))
-    return (trajectory[-1], trajectory) if return_trajectory else trajectory[-1]
+        with th.no_grad():  # y is at levels[i]; its eps is read at the grid step just below
+            y = y + (levels[i + 1] - levels[i]) * eps(y, max(i - 1, 0))
+        if return_trajectory:
+            trajectory.append((y * th.rsqrt(1 + levels[i + 1] ** 2)).to(image.dtype))
+    if return_trajectory:
+        return trajectory[-1], trajectory
+    return (y * th.rsqrt(1 + levels[-1] ** 2)).to(image.dtype)
 
 
 def reconstruct(diffusion, model, x_T, steps, *, model_kwargs=None, clip_denoised=False, cond_fn=None,
@@ -159,7 +157,8 @@ def edict_invert(diffusion, model, image, steps, *, mix=0.93, model_kwargs=None,
     rounding at any number of steps, at two model calls per step. Works in the solvers'
     view y = x_t / alpha_t on the grid ``invert`` uses; returns the pair as x_t.
     """
-    eps, levels = _edict_grid(diffusion, model, image, steps, model_kwargs, cond_fn, spacing, mix)
+    _check_mix(mix)
+    eps, levels = _grid_eps(diffusion, model, image, steps, spacing, cond_fn=cond_fn, model_kwargs=model_kwargs)
     x = y = image.to(th.float64)
     for i in progress_bar(range(steps), progress):
         step = levels[i] - levels[i + 1]  # the DDIM step down from level i + 1, undone here
@@ -176,7 +175,8 @@ def edict_reconstruct(diffusion, model, latents, steps, *, mix=0.93, model_kwarg
                       spacing="adm", progress=False):
     """The EDICT sampler from the pair ``edict_invert`` returns, down the same grid, to x_0 (its first copy)."""
     x, y = latents
-    eps, levels = _edict_grid(diffusion, model, x, steps, model_kwargs, cond_fn, spacing, mix)
+    _check_mix(mix)
+    eps, levels = _grid_eps(diffusion, model, x, steps, spacing, cond_fn=cond_fn, model_kwargs=model_kwargs)
     x, y = (v.to(th.float64) * th.sqrt(1 + levels[-1] ** 2) for v in (x, y))
     for i in progress_bar(reversed(range(steps)), progress, total=steps):
         step = levels[i] - levels[i + 1]
@@ -188,11 +188,15 @@ def edict_reconstruct(diffusion, model, latents, steps, *, mix=0.93, model_kwarg
     return x.to(latents[0].dtype)
 
 
-def _edict_grid(diffusion, model, like, steps, model_kwargs, cond_fn, spacing, mix):
-    """(eps(y, i) read at grid step i, from the lowest; the noise levels 0, sigma_0, sigma_1, ...)."""
+def _check_mix(mix):
     if not 0 < mix <= 1:
         raise usage(ValueError(f"mix must lie in (0, 1] (EDICT's p, 0.93 in the paper); got {mix!r}."))
-    denoiser = solvers.to_karras_denoiser(diffusion, model, cond_fn=cond_fn, model_kwargs=model_kwargs)
+
+
+def _grid_eps(diffusion, model, like, steps, spacing, **denoiser_kwargs):
+    """(eps(y, i) read at grid step i, from the lowest; the noise levels 0, sigma_0, sigma_1, ...)
+    of the inversions' grid ``solvers.timesteps(diffusion, steps, spacing)``, lowest first."""
+    denoiser = solvers.to_karras_denoiser(diffusion, model, **denoiser_kwargs)
     times = th.from_numpy(solvers.timesteps(diffusion, steps, spacing)[::-1].copy()).to(like.device)
     sigmas = diffusion.model_schedule.karras_sigma_at(times)
     levels = th.cat([sigmas.new_zeros(1), sigmas])
@@ -276,7 +280,7 @@ def ilvr(diffusion, model, reference, *, down_factor=4, t_range=None, noise=None
             out["sample"] = out["sample"] + low_pass(target, down_factor) - low_pass(out["sample"], down_factor)
         return out
 
-    return _last(run_loop(diffusion, step, model, tuple(reference.shape), noise, reference.device, progress,
+    return last_sample(run_loop(diffusion, step, model, tuple(reference.shape), noise, reference.device, progress,
                           model_kwargs=model_kwargs))
 
 
@@ -300,7 +304,7 @@ def low_pass(x, factor):
 
 def dps(diffusion, model, operator, measurement, shape, *, zeta=1.0, **kwargs):
     """The sample of ``dps_progressive`` (arguments as there)."""
-    return _last(dps_progressive(diffusion, model, operator, measurement, shape, zeta=zeta, **kwargs))
+    return last_sample(dps_progressive(diffusion, model, operator, measurement, shape, zeta=zeta, **kwargs))
 
 
 def dps_progressive(diffusion, model, operator, measurement, shape, *, zeta=1.0, noise=None, model_kwargs=None,
@@ -367,10 +371,3 @@ def blur_operator(size=5, sigma=1.0):
 def mask_operator(mask):
     """A(x) = mask * x: the pixels where ``mask`` is 1 (inpainting as a measurement)."""
     return lambda x: mask.to(x) * x
-
-
-def _last(outputs):
-    final = None
-    for final in outputs:
-        pass
-    return final["sample"]

@@ -155,10 +155,7 @@ class Samplers:
 
     @staticmethod
     def _last_sample(outputs):
-        final = None
-        for final in outputs:
-            pass
-        return final["sample"]
+        return last_sample(outputs)
 
     def p_sample_loop(
         self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
@@ -269,6 +266,14 @@ class Samplers:
 
 
 # ----------------------------------------------------------------------------- steps and the loop
+
+
+def last_sample(outputs):
+    """The ``"sample"`` of the last of the loop's ``outputs`` (a progressive generator)."""
+    final = None
+    for final in outputs:
+        pass
+    return final["sample"]
 
 
 def ddpm_step(denoiser, x, t, noise=None):
