@@ -33,9 +33,9 @@ def from_uint8_images(images: np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
-def samples_file_name(images: np.ndarray) -> str:
-    """``samples_{N}x{H}x{W}x{C}.npz`` as the original names it."""
-    return "samples_" + "x".join(str(d) for d in images.shape) + ".npz"
+def samples_file_name(images: np.ndarray, prefix: str = "samples") -> str:
+    """``samples_{N}x{H}x{W}x{C}.npz`` as the original names it (another ``prefix`` for other arrays)."""
+    return f"{prefix}_" + "x".join(str(d) for d in images.shape) + ".npz"
 
 
 def image_grid(images: np.ndarray, max_images: int = GRID_MAX_IMAGES) -> np.ndarray:
@@ -51,7 +51,7 @@ def image_grid(images: np.ndarray, max_images: int = GRID_MAX_IMAGES) -> np.ndar
     return grid
 
 
-def _to_pil(image: np.ndarray) -> Image.Image:
+def to_pil(image: np.ndarray) -> Image.Image:
     """An HWC uint8 array as a PIL image (grayscale when it has one channel)."""
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
@@ -68,11 +68,11 @@ def save_samples(images: np.ndarray, labels: Optional[np.ndarray], out_dir: str,
     if labels is not None:
         arrays["arr_1"] = labels
     atomic_savez(path, **arrays)
-    _to_pil(image_grid(images)).save(path[: -len(".npz")] + ".png")
+    to_pil(image_grid(images)).save(path[: -len(".npz")] + ".png")
     if save_png:
         png_dir = os.path.join(out_dir, "samples")
         os.makedirs(png_dir, exist_ok=True)
         for i, image in enumerate(images):
             suffix = "" if labels is None else f"_{int(labels[i])}"
-            _to_pil(image).save(os.path.join(png_dir, f"{i:06d}{suffix}.png"))
+            to_pil(image).save(os.path.join(png_dir, f"{i:06d}{suffix}.png"))
     return path

@@ -120,16 +120,16 @@ def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_interval(text: str) -> Optional[tuple]:
-    """``"LO,HI"`` -> (LO, HI); empty -> None."""
+def parse_interval(text: str, *, flag: str = "cfg_interval", example: str = "100,700", cast=float) -> Optional[tuple]:
+    """``"LO,HI"`` (the value of ``--flag``) -> (LO, HI) as ``cast`` makes them; empty -> None."""
     if not text:
         return None
     try:
-        low, high = (float(part) for part in text.split(","))
+        low, high = (cast(part) for part in text.split(","))
     except ValueError:
-        raise UsageError(f"--cfg_interval {text!r}: give two timesteps LO,HI, e.g. --cfg_interval 100,700") from None
+        raise UsageError(f"--{flag} {text!r}: give two timesteps LO,HI, e.g. --{flag} {example}") from None
     if low > high:
-        raise UsageError(f"--cfg_interval {text!r}: LO must not exceed HI, e.g. --cfg_interval 100,700")
+        raise UsageError(f"--{flag} {text!r}: LO must not exceed HI, e.g. --{flag} {example}")
     return low, high
 
 

@@ -27,14 +27,20 @@ if os.path.isdir(os.path.join(_REPO, "guided_diffusion")):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from guided_diffusion import dist_util, editing, errors, logger, perf, sample_util, sampling_cli  # noqa: E402
 from guided_diffusion.atomic import atomic_savez  # noqa: E402
 from guided_diffusion.errors import UsageError  # noqa: E402
 from guided_diffusion.image_datasets import list_image_files, read_image  # noqa: E402
 from guided_diffusion.inputs import load_base_samples  # noqa: E402
-from guided_diffusion.outputs import from_uint8_images, image_grid, save_samples, to_uint8_images  # noqa: E402
+from guided_diffusion.outputs import (  # noqa: E402
+    from_uint8_images,
+    image_grid,
+    samples_file_name,
+    save_samples,
+    to_pil,
+    to_uint8_images,
+)
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
@@ -132,9 +138,14 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{args.image_size}, e.g. --down_factor 4")
     if args.command == "restore" and args.operator == "sr4" and args.image_size % 4:
         raise UsageError(f"--operator sr4 needs --image_size divisible by 4; got {args.image_size}")
-    if args.command in ("inpaint", "restore") and not args.mask and (args.command == "inpaint"
-                                                                     or args.operator == "inpaint"):
+    if _needs_mask(args) and not args.mask:
         raise UsageError("inpainting needs --mask: a PNG of the images' size, white where pixels are kept")
+    if args.command == "ilvr":
+        args.t_range = sampling_cli.parse_interval(args.t_range, flag="t_range", example="0,200", cast=int)
+
+
+def _needs_mask(args):
+    return args.command == "inpaint" or (args.command == "restore" and args.operator == "inpaint")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -145,10 +156,10 @@ def load_inputs(args: argparse.Namespace):
     if args.command == "reconstruct":
         latents, labels = _load_latents(args.input, args.image_size, args.in_channels)
         tensor = torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous()
-        return tensor, to_uint8_images(tensor.clamp(-1, 1)), labels
+        return tensor, to_uint8_images(tensor), labels
     images, _ = load_base_samples(args.input, image_size=args.image_size, channels=args.in_channels,
                                   class_cond=False, flag="input", size_flag="image_size")
-    labels = _npz_labels(args.input, len(images))
+    labels = _npz_labels(args.input, len(images)) if args.class_cond else None
     return from_uint8_images(images), images, labels
 
 
@@ -156,9 +167,8 @@ def _npz_labels(path, count):
     if not os.path.isfile(path):
         return None
     with np.load(path, allow_pickle=False) as archive:
-        if "arr_1" not in archive.files or archive["arr_1"].shape != (count,):
-            return None
-        return archive["arr_1"].astype(np.int64)
+        labels = archive["arr_1"] if "arr_1" in archive.files else None
+    return labels.astype(np.int64) if labels is not None and labels.shape == (count,) else None
 
 
 def _load_latents(path, size, channels):
@@ -225,9 +235,9 @@ def edit(args, diffusion, model, x, mask, model_kwargs):
         return editing.reconstruct(diffusion, model, x, args.steps, solver=args.sampler or "ddim",
                                    spacing=args.spacing or "adm", **sampling_cli.solver_options(args), **common), None
     if args.command == "ilvr":
-        return editing.ilvr(diffusion, model, x, down_factor=args.down_factor, t_range=_t_range(args.t_range),
+        return editing.ilvr(diffusion, model, x, down_factor=args.down_factor, t_range=args.t_range,
                             clip_denoised=args.clip_denoised, **common), None
-    operator, show = _operator(args, mask, x.shape[1])
+    operator, show = _operator(args, mask)
     measurement = operator(x)
     measurement = measurement + args.measurement_noise * torch.randn_like(measurement)
     out = editing.dps(diffusion, model, operator, measurement, x.shape, zeta=args.zeta,
@@ -235,23 +245,13 @@ def edit(args, diffusion, model, x, mask, model_kwargs):
     return out, show(measurement)
 
 
-def _operator(args, mask, channels):
+def _operator(args, mask):
     """(A, a function drawing a measurement at the images' size)."""
     if args.operator == "sr4":
         return editing.downsample_operator(4), lambda y: F.interpolate(y, scale_factor=4, mode="nearest")
     if args.operator == "deblur":
         return editing.blur_operator(5, args.blur_sigma), lambda y: y
     return editing.mask_operator(mask), lambda y: y
-
-
-def _t_range(text):
-    if not text:
-        return None
-    try:
-        low, high = (int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"--t_range {text!r}: give two steps LO,HI, e.g. --t_range 0,200") from None
-    return low, high
 
 
 # --------------------------------------------------------------------------- main
@@ -265,9 +265,7 @@ def main(argv=None):
     seed = sample_util.resolve_seed(args.seed)
     inputs, shown, given_labels = load_inputs(args)
     labels = _labels(args, given_labels, len(inputs), seed)
-    masks = None
-    if args.command == "inpaint" or (args.command == "restore" and args.operator == "inpaint"):
-        masks = load_masks(args.mask, len(inputs), args.image_size)
+    masks = load_masks(args.mask, len(inputs), args.image_size) if _needs_mask(args) else None
 
     logger.log(f"{args.command}: {len(inputs)} images with seed {seed}; creating model and diffusion...")
     model_flags = args_to_dict(args, [*model_and_diffusion_defaults(), *model_extra_defaults()])
@@ -287,10 +285,10 @@ def main(argv=None):
         torch.manual_seed(sample_util.derived_seed(seed, index))
         out, extra = edit(args, diffusion, model, x, mask, model_kwargs)
         results.append(out.cpu())
-        extras.append(None if extra is None else to_uint8_images(extra.cpu()))
+        extras.append(None if extra is None else to_uint8_images(extra))
         logger.log(f"edited {min(start + args.batch_size, len(inputs))} of {len(inputs)} images")
     result = torch.cat(results)
-    columns = [shown, to_uint8_images(result.clamp(-1, 1))]
+    columns = [shown, to_uint8_images(result)]
     if extras[0] is not None:
         columns.append(np.concatenate(extras))
     path = _save(args, result, columns, labels)
@@ -303,12 +301,11 @@ def _save(args, result, columns, labels):
     out_dir = logger.get_dir()
     if args.command == "invert":
         latents = result.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32)
-        path = os.path.abspath(os.path.join(out_dir, "latents_" + "x".join(map(str, latents.shape)) + ".npz"))
+        path = os.path.abspath(os.path.join(out_dir, samples_file_name(latents, prefix="latents")))
         atomic_savez(path, **({"arr_0": latents} if labels is None else {"arr_0": latents, "arr_1": labels}))
     else:
         path = save_samples(columns[1], labels, out_dir)
-    grid = _comparison_grid(columns)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path[: -len(".npz")] + "_compare.png")
+    to_pil(_comparison_grid(columns)).save(path[: -len(".npz")] + "_compare.png")
     return path
 
 
