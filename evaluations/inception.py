@@ -26,7 +26,6 @@ TF ``mixed_6/conv`` is the ReLU output of the 1x1 branch of the third 17x17
 block, ``Mixed_6d.branch1x1`` here (docs/evaluation.md gives the sources).
 """
 
-import hashlib
 import os
 import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -34,6 +33,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from evaluations.activations import sha256_file
 
 __all__ = [
     "WEIGHTS_FILENAME",
@@ -376,14 +377,6 @@ def resolve_weights_path(path: Optional[str] = None) -> str:
     return path
 
 
-def _sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_weights_file(path: str, allow_unverified: Optional[bool] = None) -> str:
     """Check the sha256 of ``path`` against the published file's; return the digest.
 
@@ -394,7 +387,7 @@ def verify_weights_file(path: str, allow_unverified: Optional[bool] = None) -> s
     """
     if allow_unverified is None:
         allow_unverified = os.environ.get(ALLOW_UNVERIFIED_ENV, "") not in ("", "0")
-    digest = _sha256_of(path)
+    digest = sha256_file(path)
     if digest != WEIGHTS_SHA256:
         message = (
             f"Inception weights {path} have sha256 {digest}, expected {WEIGHTS_SHA256} "

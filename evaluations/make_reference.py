@@ -29,7 +29,7 @@ from evaluations.inception import InceptionWeightsError  # noqa: E402
 from evaluations.npz_io import BatchIterator, open_npz_array  # noqa: E402
 from guided_diffusion.atomic import atomic_savez  # noqa: E402
 from guided_diffusion.errors import run_main, usage  # noqa: E402
-from guided_diffusion.image_datasets import center_crop_arr, list_image_files, read_image  # noqa: E402
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files, read_image  # noqa: E402
 
 __all__ = ["folder_batches", "make_reference", "create_argparser", "main"]
 
@@ -55,7 +55,7 @@ def folder_batches(folder: str, image_size=None, batch_size: int = 64) -> Tuple[
         raise usage(FileNotFoundError(f"{folder} is neither an image folder nor an .npz file."))
     paths = list_image_files(folder)
     if len(paths) < 2:
-        found = f"found {len(paths)} image(s) (.jpg .jpeg .png .gif) under {folder}"
+        found = f"found {len(paths)} image(s) ({' '.join('.' + e for e in IMAGE_EXTENSIONS)}) under {folder}"
         raise usage(ValueError(f"{found}; statistics need at least 2."))
 
     def batches() -> Iterator[np.ndarray]:

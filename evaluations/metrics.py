@@ -180,6 +180,11 @@ def _half(x: torch.Tensor) -> torch.Tensor:
     return x.half().float()
 
 
+def _half_(x: torch.Tensor) -> torch.Tensor:
+    """``_half`` in place on a float32 tensor of one's own; returns it."""
+    return x.copy_(x.half())
+
+
 def _squared_distances_float16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The original's float16 distance block ``max(|u|^2 - 2 u.v + |v|^2, 0)``, in float32 storage.
 
@@ -195,10 +200,10 @@ def _squared_distances_float16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     u, v = _half(u), _half(v)
     norm_u = _half(_half(u * u).sum(dim=1, keepdim=True))
     norm_v = _half(_half(v * v).sum(dim=1, keepdim=True)).T
-    dist = _half(u @ v.T)
-    dist = _half(dist.mul_(-2))  # exact, but overflows to -inf where float16 would
-    dist = _half(dist.add_(norm_u))
-    dist = _half(dist.add_(norm_v))
+    dist = _half_(u @ v.T)  # the block rounded in place: no float16/float32 copies of it
+    _half_(dist.mul_(-2))  # exact, but overflows to -inf where float16 would
+    _half_(dist.add_(norm_u))
+    _half_(dist.add_(norm_v))
     return dist.clamp_(min=0.0)
 
 
