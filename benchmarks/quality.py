@@ -45,7 +45,7 @@ from evaluations.metrics import compute_statistics  # noqa: E402
 from guided_diffusion import checkpoints, digits_check, guidance, script_util, solvers  # noqa: E402
 from guided_diffusion.outputs import to_uint8_images  # noqa: E402
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps  # noqa: E402
-from guided_diffusion.sampling_cli import prepare_model  # noqa: E402
+from guided_diffusion.sampling_cli import prepare_model, solver_options  # noqa: E402
 
 DEMO_STEPS = 1500
 DEMO_EMA = "0.995"
@@ -263,10 +263,9 @@ def main(argv=None):
         for name in args.solvers.split(","):
             # None: the solver's defaults (its spacing and sigma range), as a new user gets them
             for spacing in args.spacing.split(",") if args.spacing else [None]:
-                options = {k: v for k, v in (("sigma_max", args.sigma_max), ("sigma_min", args.sigma_min))
-                           if v is not None}
-                if args.solver_order is not None and name in ("unipc", "ipndm"):
-                    options["order"] = args.solver_order
+                options = solver_options(args)
+                if name not in ("unipc", "ipndm"):
+                    options.pop("order", None)
                 fn = solver_fn(bench, name, steps_for(name, calls), spacing, **options)
                 label = spacing or f"default: {solvers.DEFAULT_SPACING[name]}"
                 row = bench.score(f"{name} ({label})", fn)[0]

@@ -117,17 +117,15 @@ def multistep(denoiser, noise, ts, generator=None):
     return x.to(noise.dtype)
 
 
-def solve(denoiser, noise, solver, steps, *, sigma_max=None, sigma_min=None, progress=False, generator=None,
-          **options):
+def solve(denoiser, noise, solver, steps, *, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, progress=False,
+          generator=None, **options):
     """x_0 by ``solvers.SOLVERS[solver]`` in ``steps`` steps over ``denoiser`` on the Karras grid from
     ``sigma_max`` (default 80) to ``sigma_min`` (default 0.002), then 0: EDM's sampler with ``heun``."""
     step_fn = solvers.SOLVERS[solver]
     solvers.check_options(step_fn, options)
     if options.pop("dynamic_threshold", None) is not None:
         raise usage(ValueError("dynamic_threshold works with the ADM chain only; drop --dynamic_threshold"))
-    top = SIGMA_MAX if sigma_max is None else sigma_max
-    bottom = SIGMA_MIN if sigma_min is None else sigma_min
-    levels = np.append(karras_sigmas(steps, top, bottom), 0.0)
+    levels = np.append(karras_sigmas(steps, sigma_max, sigma_min), 0.0)
     sigmas = torch.from_numpy(levels).to(noise.device)
     times = TIME_SCALE * torch.log(sigmas[:-1])
 

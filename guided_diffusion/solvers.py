@@ -450,7 +450,7 @@ def _solver(solver):
 
 
 def check_options(step_fn, options):
-    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min", "init_image"}
+    known = set(getattr(step_fn, "options", ())) | {"dynamic_threshold", "sigma_max", "sigma_min"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise usage(ValueError(
