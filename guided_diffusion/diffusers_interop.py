@@ -53,6 +53,13 @@ def _refuse(text):
 # ---------------------------------------------------------------- architecture
 
 
+# UNet2DModel settings that the ADM layout fixes.
+_ADM_FIXED = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
+                  attn_norm_num_groups=32, norm_eps=1e-5, act_fn="silu", center_input_sample=False,
+                  mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_padding=1,
+                  add_attention=True, class_embed_type=None)
+
+
 class _Layout:
     """The ADM architecture the flags build, read as UNet2DModel's levels."""
 
@@ -105,28 +112,16 @@ class _Layout:
             "sample_size": flags["image_size"],
             "in_channels": flags["in_channels"],
             "out_channels": _out_channels(flags),
-            "center_input_sample": False,
-            "time_embedding_type": "positional",
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
+            **_ADM_FIXED,
             "down_block_types": ["AttnDownBlock2D" if a else down for a in self.attention],
-            "mid_block_type": "UNetMidBlock2D",
             "up_block_types": ["AttnUpBlock2D" if a else up for a in reversed(self.attention)],
             "block_out_channels": self.widths,
             "layers_per_block": self.blocks,
-            "mid_block_scale_factor": 1,
-            "downsample_padding": 1,
             "downsample_type": "resnet" if self.updown else "conv",
             "upsample_type": "resnet" if self.updown else "conv",
             "dropout": flags["dropout"],
-            "act_fn": "silu",
             "attention_head_dim": self.head_dim,
-            "norm_num_groups": 32,
-            "attn_norm_num_groups": 32,
-            "norm_eps": 1e-5,
             "resnet_time_scale_shift": "scale_shift" if flags["use_scale_shift_norm"] else "default",
-            "add_attention": True,
-            "class_embed_type": None,
             "num_class_embeds": flags["num_classes"] if flags["class_cond"] else None,
         }
 
@@ -314,13 +309,6 @@ def export(model, flags, out_dir):
 def _read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-# UNet2DModel settings that the ADM layout fixes.
-_ADM_FIXED = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32,
-                  attn_norm_num_groups=32, norm_eps=1e-5, act_fn="silu", center_input_sample=False,
-                  mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_padding=1,
-                  add_attention=True, class_embed_type=None)
 
 
 def _attention_groups(unet_config):
