@@ -71,6 +71,22 @@ def load(model_path):
     return model, diffusion, flags
 
 
+class DigitScorer:
+    """The demo's digit classifier and the real digits' statistics on its features."""
+
+    def __init__(self, size):
+        self.classifier = digits_check.train_digit_classifier(size)
+        real, _ = digits_check.exported_digit_features(size)
+        self.real_stats = compute_statistics(self.classifier.model.decision_function(real))
+
+    def __call__(self, samples, labels):
+        """(share recognised as ``labels``, Frechet distance to the real digits) of NCHW samples in [-1, 1]."""
+        images = to_uint8_images(samples)
+        share = digits_check.check_samples(images, labels.numpy(), classifier=self.classifier).share
+        features = self.classifier.model.decision_function(digits_check.images_to_digit_features(images))
+        return share, compute_statistics(features).frechet_distance(self.real_stats)
+
+
 class Bench:
     """One model, one start noise and one label set; runs samplers and scores their samples."""
 
@@ -83,11 +99,7 @@ class Bench:
         self.labels = None
         if flags["class_cond"]:
             self.labels = torch.arange(args.num_samples) % flags["num_classes"]
-        self.digits = args.digits
-        if self.digits:
-            self.classifier = digits_check.train_digit_classifier(size)
-            real, _ = digits_check.exported_digit_features(size)
-            self.real_stats = compute_statistics(self.classifier.model.decision_function(real))
+        self.scorer = DigitScorer(size) if args.digits else None
         self.reference = None
 
     def batches(self, fn):
@@ -109,12 +121,8 @@ class Bench:
         row = {"sampler": name, "calls": calls, "seconds": round(time.perf_counter() - start, 2)}
         if self.reference is not None:
             row["rmse"] = float(torch.sqrt(torch.mean((samples - self.reference) ** 2)))
-        if self.digits and self.labels is not None:
-            images = to_uint8_images(samples)
-            row["recognised"] = digits_check.check_samples(images, self.labels.numpy(),
-                                                           classifier=self.classifier).share
-            features = self.classifier.model.decision_function(digits_check.images_to_digit_features(images))
-            row["frechet"] = compute_statistics(features).frechet_distance(self.real_stats)
+        if self.scorer is not None and self.labels is not None:
+            row["recognised"], row["frechet"] = self.scorer(samples, self.labels)
         print(_format(row), flush=True)
         return row, samples
 

@@ -16,7 +16,6 @@ baseline's final recognised share and the first that reaches its final Frechet d
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluations.metrics import compute_statistics  # noqa: E402
-from guided_diffusion import digits_check, script_util  # noqa: E402
-from guided_diffusion.outputs import to_uint8_images  # noqa: E402
+from guided_diffusion import script_util  # noqa: E402
 from guided_diffusion.sampling_cli import prepare_model  # noqa: E402
+from quality import DigitScorer  # noqa: E402
 
 VARIANTS = {
     "eps": {},
@@ -59,15 +57,13 @@ def train_variant(demo, name, extra, args):
 
 
 class Scorer:
-    """One start noise and label set, the digit classifier and the real digits' statistics."""
+    """One start noise and label set, sampled with DDIM and scored by quality.py's `DigitScorer`."""
 
     def __init__(self, args, size):
         g = torch.Generator().manual_seed(args.seed)
         self.labels = torch.arange(args.num_samples) % 10
         self.noise = torch.randn((args.num_samples, 1, size, size), generator=g)
-        self.classifier = digits_check.train_digit_classifier(size)
-        real, _ = digits_check.exported_digit_features(size)
-        self.real_stats = compute_statistics(self.classifier.model.decision_function(real))
+        self.digits = DigitScorer(size)
         self.ddim_steps = args.ddim_steps
 
     @torch.no_grad()
@@ -78,10 +74,7 @@ class Scorer:
         torch.manual_seed(0)
         samples = diffusion.ddim_sample_loop(model, self.noise.shape, noise=self.noise,
                                              model_kwargs={"y": self.labels})
-        images = to_uint8_images(samples)
-        recognised = digits_check.check_samples(images, self.labels.numpy(), classifier=self.classifier).share
-        features = self.classifier.model.decision_function(digits_check.images_to_digit_features(images))
-        return recognised, compute_statistics(features).frechet_distance(self.real_stats)
+        return self.digits(samples, self.labels)
 
 
 def first_reaching(rows, key, target, better):
