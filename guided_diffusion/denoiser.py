@@ -41,6 +41,9 @@ class Denoiser:
         self.cond_fn = cond_fn
         self.model_kwargs = model_kwargs
         self.cond_fn_with_grad = cond_fn_with_grad
+        # A DDPM step runs the model under autograd on a leaf x: for cond_fn_with_grad, or for a
+        # subclass whose guided_mean differentiates through the model itself (editing's DPS).
+        self.under_autograd = cond_fn_with_grad
 
     def predict(self, x, t):
         """``p_mean_variance`` at (x, t): dict of ``mean``, ``variance``, ``log_variance``, ``pred_xstart``."""

@@ -337,13 +337,11 @@ class _MeasurementGuidance(Denoiser):
         self.operator = operator
         self.measurement = measurement
         self.zeta = zeta
-        self.cond_fn_with_grad = True  # ddpm_step then runs the model under autograd on a leaf x
+        self.under_autograd = True  # ddpm_step runs the model under autograd on a leaf x
         self.residual = None
 
     def guided_mean(self, out, x, t):
-        mean = out["mean"]
-        if self.cond_fn is not None:  # classifier guidance, called as the original's cond_fn
-            mean = self.diffusion.condition_mean(self.cond_fn, out, x, t, model_kwargs=self.model_kwargs)
+        mean = super().guided_mean(out, x, t)  # classifier guidance, called as the original's cond_fn
         residual = (self.measurement - self.operator(out["pred_xstart"])).flatten(1).norm(dim=1)
         gradient = th.autograd.grad(residual.sum(), x)[0]
         self.residual = residual.detach()

@@ -281,10 +281,10 @@ def ddpm_step(denoiser, x, t, noise=None):
 
     Draws the step's noise between the model call and the guidance, as the original,
     unless the caller gives it as ``noise`` (RePaint re-noises the known pixels with the
-    same draw). With ``cond_fn_with_grad`` the step runs under autograd on a leaf copy
-    of x and returns detached tensors.
+    same draw). With ``cond_fn_with_grad`` (``denoiser.under_autograd``) the step runs
+    under autograd on a leaf copy of x and returns detached tensors.
     """
-    with_grad = denoiser.cond_fn_with_grad
+    with_grad = denoiser.under_autograd
     with th.enable_grad() if with_grad else contextlib.nullcontext():
         if with_grad:
             x = x.detach().requires_grad_()
