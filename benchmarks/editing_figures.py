@@ -33,17 +33,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quality import demo_checkpoint, load  # noqa: E402
+from quality import demo_checkpoint, load, respaced  # noqa: E402
 
 from guided_diffusion import digits_check, editing  # noqa: E402
 from guided_diffusion.outputs import from_uint8_images, to_uint8_images  # noqa: E402
-from guided_diffusion.respace import SpacedDiffusion, space_timesteps  # noqa: E402
-
-
-def respaced(diffusion, steps):
-    return SpacedDiffusion(space_timesteps(diffusion.num_timesteps, str(steps)), betas=diffusion.betas,
-                           model_mean_type=diffusion.model_mean_type, model_var_type=diffusion.model_var_type,
-                           loss_type=diffusion.loss_type, rescale_timesteps=diffusion.rescale_timesteps)
 
 
 def psnr(a, b):

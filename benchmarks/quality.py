@@ -155,8 +155,7 @@ def solver_fn(bench, name, steps, spacing, **options):
 
 
 def original_fn(bench, loop, respacing):
-    spaced = SpacedDiffusion(space_timesteps(bench.diffusion.num_timesteps, respacing),
-                             **_diffusion_kwargs(bench.diffusion))
+    spaced = respaced(bench.diffusion, respacing)
 
     def fn(noise, kwargs, generator):
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
@@ -183,10 +182,12 @@ def kdiffusion_fn(bench, calls, sigma_max=None):
     return fn
 
 
-def _diffusion_kwargs(diffusion):
-    return dict(betas=diffusion.betas, model_mean_type=diffusion.model_mean_type,
-                model_var_type=diffusion.model_var_type, loss_type=diffusion.loss_type,
-                rescale_timesteps=diffusion.rescale_timesteps)
+def respaced(diffusion, respacing):
+    """``diffusion`` (a full chain) respaced by ``respacing`` (e.g. "250" or "ddim25")."""
+    return SpacedDiffusion(space_timesteps(diffusion.num_timesteps, str(respacing)), betas=diffusion.betas,
+                           model_mean_type=diffusion.model_mean_type, model_var_type=diffusion.model_var_type,
+                           loss_type=diffusion.loss_type, rescale_timesteps=diffusion.rescale_timesteps,
+                           loss_weight=diffusion.loss_weight)
 
 
 def guidance_rows(bench, args, budgets):
