@@ -131,6 +131,35 @@ def atomic_write_set(writes, on_event=None):
         _fsync_folder(folder)
 
 
+class _Recording:
+    """A file object that keeps the `OSError` of a failed write (torch.save turns it into a RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def torch_save_to(obj, f):
+    """``torch.save(obj, f)``; a failed write (ENOSPC, EDQUOT, EFBIG) raises its `OSError`, which
+    torch's zip writer would report as an unexplained RuntimeError."""
+    recording = _Recording(f)
+    try:
+        torch.save(obj, recording)
+    except RuntimeError:
+        if recording.error is None:
+            raise
+        raise recording.error from None
+
+
 def atomic_save(obj, path):
     """``torch.save(obj, path)``, atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -181,35 +181,6 @@ def _nbytes(obj):
     return 0
 
 
-class _Recording:
-    """A file object that keeps the `OSError` of a failed write (torch.save turns it into a RuntimeError)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
-def _save(obj, f):
-    """``torch.save(obj, f)``; a failed write (ENOSPC, EDQUOT, EFBIG) raises its `OSError`, which
-    torch's zip writer would report as an unexplained RuntimeError."""
-    recording = _Recording(f)
-    try:
-        torch.save(obj, recording)
-    except RuntimeError:
-        if recording.error is None:
-            raise
-        raise recording.error from None
-
-
 def write_set(folder, name, *, model, emas, opt, state, on_event=None):
     """Write the set of step ``name`` into ``folder``: EMAs, optimizer, state, and the model file last.
 
@@ -225,7 +196,7 @@ def write_set(folder, name, *, model, emas, opt, state, on_event=None):
 
     def _member(file_name, obj):
         written.append(file_name)
-        return os.path.join(folder, file_name), lambda f: _save(obj, f)
+        return os.path.join(folder, file_name), lambda f: atomic.torch_save_to(obj, f)
 
     def writes():
         for rate, make in emas:
