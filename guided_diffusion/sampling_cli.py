@@ -35,8 +35,8 @@ from .script_util import NUM_CLASSES, flags_json, str2bool
 # --------------------------------------------------------------------------- flags
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = True) -> None:
-    """Add the flags every sampling script has beyond the original's ones."""
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--log_dir`` and ``--progress``: the flags of every script that runs the model on images."""
     parser.add_argument(
         "--seed", type=int, default=None,
         help="base random seed; the same command with the same seed gives the same images "
@@ -46,8 +46,13 @@ def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = 
         "--log_dir", type=str, default="",
         help="folder for the outputs (default: $OPENAI_LOGDIR, else a new temporary folder)",
     )
-    parser.add_argument("--save_png", action="store_true", help="also write one PNG per image")
     parser.add_argument("--progress", action="store_true", help="show a progress bar over diffusion steps")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, class_choice: bool = True) -> None:
+    """Add the flags every sampling script has beyond the original's ones."""
+    add_run_flags(parser)
+    parser.add_argument("--save_png", action="store_true", help="also write one PNG per image")
     parser.add_argument(
         "--use_plms", type=str2bool, nargs="?", const=True, default=False,
         help="sample with PLMS, pseudo linear multistep (Liu et al. 2022): few respaced steps "

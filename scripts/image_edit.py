@@ -73,9 +73,7 @@ def create_argparser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"image_edit.py {command}", description=COMMANDS[command])
     add_dict_to_argparser(parser, defaults)
     parser.add_argument("--input", default="", help="a folder of images or an npz (uint8 NHWC arr_0, labels arr_1)")
-    parser.add_argument("--seed", type=int, default=None, help="base random seed (default: fresh, written to the log)")
-    parser.add_argument("--log_dir", default="", help="output folder (default: $OPENAI_LOGDIR, else a temporary one)")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar over diffusion steps")
+    sampling_cli.add_run_flags(parser)
     parser.add_argument("--class_label", type=int, default=-1,
                         help="label of every image for class-conditional models (default -1: the input npz's "
                              "arr_1, else random labels)")
